@@ -1,0 +1,3 @@
+from digitwatch.cli import main
+
+main()

@@ -1,0 +1,300 @@
+"""The command line: build settings, call the core, map DigitwatchError to an exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import typer
+
+from digitwatch import settings as settings_mod
+from digitwatch.errors import DigitwatchError, ExitCode
+
+app = typer.Typer(
+    name="digitwatch",
+    help="A folder that reads handwritten digits.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="TOML file with settings (CLI > DIGITWATCH_* env > file).", dir_okay=False
+    ),
+]
+WeightsOpt = Annotated[
+    Path | None, typer.Option(help="Weights file (.pt with its .json metadata beside it).")
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(help="MNIST folder in torchvision's layout "),
+]
+DownloadOpt = Annotated[
+    bool | None,
+    typer.Option("--download/--no-download", help="Download MNIST when it is absent."),
+]
+
+
+def _fail(err: DigitwatchError) -> typer.Exit:
+    typer.echo(f"digitwatch: error: {err}", err=True)
+    return typer.Exit(int(err.exit_code))
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Run a command body; expected failures become one line and their exit code."""
+    try:
+        return fn()
+    except DigitwatchError as e:
+        raise _fail(e) from None
+
+
+def _settings(config: Path | None, **cli: Any) -> settings_mod.Settings:
+    return settings_mod.load(cli, config_file=config)
+
+
+@app.command()
+def train(
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the weights (.pt) and .json.")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="TOML recipe (train/recipe.toml); options override it.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training split.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per optimizer step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (one-cycle).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for weights, split and order.")] = None,
+    val_size: Annotated[
+        int | None, typer.Option(help="Training images held out for validation.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Train on only the first N images (quick checks).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores).")] = None,
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train the MLP on MNIST and write weights with their metadata."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from digitwatch.training import EpochReport, load_recipe, train_and_save
+
+    def body() -> None:
+        s = _settings(config, data_dir=data_dir, download=download)
+        overrides = {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "val_size": val_size,
+            "train_limit": limit,
+            "threads": threads,
+        }
+        cfg = load_recipe(recipe, {k: v for k, v in overrides.items() if v is not None})
+        target = out or s.weights
+        with Progress(
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]}"),
+            TimeElapsedColumn(),
+            transient=False,
+        ) as progress:
+            task: list[Any] = []
+
+            def on_batch(step: int, steps: int, loss: float) -> None:
+                if not task or progress.tasks[task[-1]].finished:
+                    task.append(
+                        progress.add_task(
+                            "",
+                            total=steps,
+                            epoch=len(task) + 1,
+                            epochs=cfg.epochs,
+                            loss=loss,
+                            val="…",
+                        )
+                    )
+                progress.update(task[-1], completed=step, loss=loss)
+
+            def on_epoch(r: EpochReport) -> None:
+                progress.update(task[-1], loss=r.train_loss, val=f"{r.val_accuracy:.4f}")
+
+            result, meta = train_and_save(
+                cfg, s.data_dir, target, download=s.download, on_batch=on_batch, on_epoch=on_epoch
+            )
+        typer.echo(
+            f"test accuracy {meta['mnist_test_accuracy']:.4f} after {result.seconds:.0f} s; "
+            f"wrote {target} and {target.with_suffix('.json').name}"
+        )
+
+    _guard(body)
+
+
+@app.command()
+def evaluate(
+    weights: WeightsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    sheet: Annotated[
+        Path | None, typer.Option(help="Write a PNG contact sheet of the misclassified digits.")
+    ] = None,
+    pipeline: Annotated[
+        bool,
+        typer.Option(
+            "--pipeline/--no-pipeline",
+            help="Also score the test digits as PNG files through decode+preprocess.",
+        ),
+    ] = False,
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Score weights on the 10,000 MNIST test images."""
+    from digitwatch.evaluate import evaluate as run_evaluation
+
+    def body() -> None:
+        s = _settings(config, weights=weights, data_dir=data_dir, download=download)
+        ev = run_evaluation(
+            s.weights,
+            s.data_dir,
+            download=s.download,
+            through_pipeline=pipeline,
+            sheet_path=sheet,
+        )
+        if as_json:
+            typer.echo(json.dumps(ev.to_dict()))
+            return
+        typer.echo(f"weights   {ev.weights}\nmodel     {ev.model}")
+        typer.echo(f"accuracy  {ev.accuracy:.4f}  ({ev.errors} of 10000 wrong)")
+        if ev.pipeline_accuracy is not None:
+            typer.echo(f"pipeline  {ev.pipeline_accuracy:.4f}  (test digits as PNG files)")
+        typer.echo("\nper class  " + "  ".join(f"{c}:{a:.3f}" for c, a in enumerate(ev.per_class)))
+        typer.echo("\nconfusion (rows: true, columns: predicted)")
+        typer.echo("      " + "".join(f"{c:>6}" for c in range(10)))
+        for c, row in enumerate(ev.confusion):
+            typer.echo(f"{c:>6}" + "".join(f"{n:>6}" for n in row))
+        if ev.sheet:
+            typer.echo(f"\nmisclassified digits: {ev.sheet}")
+
+    _guard(body)
+
+
+Format = Literal["table", "json", "jsonl", "csv"]
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and folders of images.")],
+    output_format: Annotated[
+        str, typer.Option("--format", help="table, json, jsonl or csv.")
+    ] = "table",
+    debug_dir: Annotated[
+        Path | None, typer.Option(help="Write the 28x28 image the model saw for each input.")
+    ] = None,
+    recursive: Annotated[bool | None, typer.Option(help="Descend into subfolders.")] = None,
+    weights: WeightsOpt = None,
+    uncertain_below: Annotated[
+        float | None, typer.Option(help="Confidence under this sets uncertain: true.")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Classify image files now and print one record per input."""
+    from digitwatch.predict import predict_paths, render
+
+    if output_format not in ("table", "json", "jsonl", "csv"):
+        typer.echo("digitwatch: error: --format must be table, json, jsonl or csv", err=True)
+        raise typer.Exit(int(ExitCode.USAGE))
+
+    def body() -> int:
+        s = _settings(config, weights=weights, uncertain_below=uncertain_below, recursive=recursive)
+        results = predict_paths(paths, s, debug_dir=debug_dir)
+        sys.stdout.write(render(results, output_format))
+        failed = any(r.record.status == "error" for r in results)
+        return int(ExitCode.INPUT_FAILED if failed else ExitCode.OK)
+
+    code = _guard(body)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    inbox: Annotated[Path | None, typer.Option(help="Folder to watch.")] = None,
+    outbox: Annotated[
+        Path | None, typer.Option(help="Folder for results (not inside inbox).")
+    ] = None,
+    weights: WeightsOpt = None,
+    poll: Annotated[
+        float | None, typer.Option(help="Poll every SECONDS instead of inotify (NFS/SMB).")
+    ] = None,
+    recursive: Annotated[
+        bool | None, typer.Option("--recursive/--no-recursive", help="Watch subfolders too.")
+    ] = None,
+    quiet_period: Annotated[
+        float | None,
+        typer.Option(help="Seconds size and mtime must hold still when a close is not seen."),
+    ] = None,
+    rescan_interval: Annotated[
+        float | None, typer.Option(help="Seconds between full rescans of the inbox.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Most files per batch.")] = None,
+    max_delay_ms: Annotated[
+        float | None, typer.Option(help="Longest wait to fill a batch, in ms.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Decode/preprocess threads.")] = None,
+    fsync: Annotated[
+        bool | None, typer.Option("--fsync/--no-fsync", help="One sync per batch before archiving.")
+    ] = None,
+    on_success: Annotated[
+        str | None, typer.Option(help="keep (move to processed) or delete the input.")
+    ] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="Largest image, in pixels.")] = None,
+    max_file_mb: Annotated[float | None, typer.Option(help="Largest file, in MB.")] = None,
+    uncertain_below: Annotated[
+        float | None, typer.Option(help="Confidence under this sets uncertain: true.")
+    ] = None,
+    log_format: Annotated[str | None, typer.Option(help="auto, console or json.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Validate folders, weights and settings, then exit.")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Watch the inbox and answer every image exactly once (the service)."""
+    from digitwatch.daemon import serve
+    from digitwatch.logs import configure
+
+    def body() -> int:
+        s = _settings(
+            config,
+            inbox=inbox,
+            outbox=outbox,
+            weights=weights,
+            poll=poll,
+            recursive=recursive,
+            quiet_period=quiet_period,
+            rescan_interval=rescan_interval,
+            batch_size=batch_size,
+            max_delay_ms=max_delay_ms,
+            workers=workers,
+            fsync=fsync,
+            on_success=on_success,
+            max_pixels=max_pixels,
+            max_file_mb=max_file_mb,
+            uncertain_below=uncertain_below,
+            log_format=log_format,
+            log_level=log_level,
+        )
+        configure(s.log_format, s.log_level)
+        return serve(s, check_only=check)
+
+    raise typer.Exit(_guard(body))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,84 @@
+"""Score weights on the MNIST test set: accuracy, per-class accuracy, confusion, errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from digitwatch.classify import Classifier, load_weights
+from digitwatch.codec import Limits, contact_sheet, write_png
+from digitwatch.mnist import load_mnist
+from digitwatch.pipeline import Input, Pipeline
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    weights: str
+    model: str
+    accuracy: float
+    per_class: list[float]
+    confusion: list[list[int]]  # confusion[true][predicted]
+    errors: int
+    pipeline_accuracy: float | None  # the same digits as PNG files through decode+preprocess
+    sheet: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _confusion(truth: npt.NDArray[np.int64], pred: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    m = np.zeros((10, 10), np.int64)
+    np.add.at(m, (truth, pred), 1)
+    return m
+
+
+def evaluate(
+    weights_path: Path,
+    data_dir: Path,
+    *,
+    download: bool = True,
+    through_pipeline: bool = False,
+    sheet_path: Path | None = None,
+) -> Evaluation:
+    weights = load_weights(weights_path)
+    classifier = Classifier(weights)
+    images, labels = load_mnist(data_dir, train=False, download=download)
+    pred = classifier.probabilities(classifier.normalize(images)).argmax(1)
+    conf = _confusion(labels, pred)
+    wrong = np.nonzero(pred != labels)[0]
+    sheet = None
+    if sheet_path is not None:
+        captions = [f"{labels[i]}->{pred[i]}" for i in wrong]
+        write_png(sheet_path, contact_sheet([images[i] for i in wrong], captions))
+        sheet = str(sheet_path)
+    pipeline_acc = None
+    if through_pipeline:
+        pipeline_acc = _pipeline_accuracy(weights_path, images, labels)
+    return Evaluation(
+        weights=str(weights_path),
+        model=weights.model_id,
+        accuracy=float((pred == labels).mean()),
+        per_class=[float(conf[c, c] / conf[c].sum()) for c in range(10)],
+        confusion=conf.tolist(),
+        errors=len(wrong),
+        pipeline_accuracy=pipeline_acc,
+        sheet=sheet,
+    )
+
+
+def _pipeline_accuracy(
+    weights_path: Path, images: npt.NDArray[np.uint8], labels: npt.NDArray[np.int64]
+) -> float:
+    """Encode each test digit as a PNG and send it through the product's pipeline."""
+    from digitwatch.codec import encode_png
+
+    with Pipeline(load_weights(weights_path), limits=Limits(), uncertain_below=0.0) as pipe:
+        results = pipe.run([Input(f"{i}.png", encode_png(img)) for i, img in enumerate(images)])
+    digits = np.array([-1 if r.record.digit is None else r.record.digit for r in results])
+    return float((digits == labels).mean())

@@ -1,0 +1,77 @@
+"""`digitwatch predict`: the pipeline over files named on the command line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from digitwatch.classify import load_weights
+from digitwatch.codec import Limits, write_png
+from digitwatch.pipeline import Input, Pipeline, Result, read_input
+from digitwatch.results import CSV_COLUMNS
+from digitwatch.settings import Settings
+
+CHUNK = 64
+
+
+def _files(paths: list[Path], recursive: bool) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            found = path.rglob("*") if recursive else path.iterdir()
+            for p in sorted(found):
+                if p.is_file() and not any(part.startswith(".") for part in p.parts[-1:]):
+                    yield p
+        else:
+            yield path  # a missing file becomes an error record
+
+
+def predict_paths(
+    paths: list[Path], settings: Settings, *, debug_dir: Path | None = None
+) -> list[Result]:
+    limits = Limits(settings.max_pixels, settings.max_file_bytes)
+    files = list(_files(paths, settings.recursive))
+    results: list[Result] = []
+    with Pipeline(
+        load_weights(settings.weights),
+        limits=limits,
+        uncertain_below=settings.uncertain_below,
+        workers=settings.workers,
+    ) as pipe:
+        for i in range(0, len(files), CHUNK):
+            chunk = files[i : i + CHUNK]
+            inputs: list[Input] = [read_input(p, limits) for p in chunk]
+            out = pipe.run(inputs)
+            if debug_dir is not None:
+                debug_dir.mkdir(parents=True, exist_ok=True)
+                for p, r in zip(chunk, out, strict=False):
+                    if r.image is not None:
+                        write_png(debug_dir / f"{p.name}.28x28.png", r.image)
+            results.extend(out)
+    return results
+
+
+def render(results: list[Result], fmt: str) -> str:
+    records = [r.record for r in results]
+    if fmt == "json":
+        return json.dumps([r.to_dict() for r in records], indent=2) + "\n"
+    if fmt == "jsonl":
+        return "".join(r.to_json() + "\n" for r in records)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS[:-1] + ("width", "height", "elapsed_ms"))
+        for r in records:
+            writer.writerow(r.csv_fields()[:-1] + [r.width, r.height, r.elapsed_ms])
+        return buf.getvalue()
+    rows = [("input", "status", "digit", "confidence", "note")]
+    for r in records:
+        note = r.error or ("uncertain" if r.uncertain and r.status == "ok" else "")
+        conf = f"{r.confidence:.3f}" if r.confidence is not None else "-"
+        digit = str(r.digit) if r.digit is not None else "-"
+        rows.append((r.input, r.status, digit, conf, note))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines) + "\n"

@@ -1,0 +1,93 @@
+"""Write-result stage: the result record, its JSON file and its CSV row."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["ok", "no_digit", "error"]
+
+CSV_COLUMNS = (
+    "input",
+    "sha256",
+    "status",
+    "digit",
+    "confidence",
+    "uncertain",
+    "error",
+    "model",
+    "processed_at",
+)
+
+
+def utc_now() -> str:
+    """ISO 8601 UTC with microseconds: processed_at also identifies a CSV row on recovery."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One answer per input; the same schema for `predict` and `run` (README: Result record)."""
+
+    input: str
+    sha256: str | None
+    status: Status
+    digit: int | None
+    confidence: float | None
+    uncertain: bool
+    probabilities: list[float] | None
+    error: str | None
+    model: str
+    width: int | None
+    height: int | None
+    elapsed_ms: float
+    detected_at: str | None = None  # daemon only
+    processed_at: str | None = None  # daemon only
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.detected_at is None and self.processed_at is None:
+            del d["detected_at"], d["processed_at"]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(", ", ": "))
+
+    def csv_fields(self) -> list[str]:
+        def fmt(v: Any) -> str:
+            if v is None:
+                return ""
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            return str(v)
+
+        d = self.to_dict()
+        return [fmt(d.get(c)) for c in CSV_COLUMNS]
+
+
+def csv_lines(records: list[Record], *, header: bool) -> str:
+    """RFC 4180 text (CRLF line ends, minimal quoting) for these records."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")
+    if header:
+        writer.writerow(CSV_COLUMNS)
+    for r in records:
+        writer.writerow(r.csv_fields())
+    return buf.getvalue()
+
+
+def write_json_atomic(path: Path, text: str, *, tmp_prefix: str = ".tmp-") -> None:
+    """Write beside the target and rename: readers see the whole file or none."""
+    tmp = path.with_name(f"{tmp_prefix}{path.name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, text.encode() + b"\n")
+    finally:
+        os.close(fd)
+    tmp.replace(path)
