@@ -1,0 +1,58 @@
+"""Training for real, on a small MNIST subset, and the shipped weights' score."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from digitwatch.classify import load_weights, metadata_path
+from digitwatch.errors import DataError
+from digitwatch.evaluate import evaluate
+from digitwatch.mnist import load_mnist
+from digitwatch.training import TrainConfig, load_recipe, train_and_save
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_short_training_run_beats_80_percent(mnist_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, train_limit=2000, val_size=1000, seed=1)
+    out = tmp_path / "w.pt"
+    epochs: list[float] = []
+    result, meta = train_and_save(
+        cfg, mnist_dir, out, download=False, on_epoch=lambda r: epochs.append(r.val_accuracy)
+    )
+    assert meta["mnist_test_accuracy"] > 0.80
+    assert len(epochs) == 1 and epochs[0] > 0.75
+    assert load_weights(out).sha256 == meta["sha256"]
+    assert meta["training"]["seed"] == 1 and meta["training"]["train_limit"] == 2000
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights(mnist_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, train_limit=500, val_size=100, seed=3, threads=1)
+    a = train_and_save(cfg, mnist_dir, tmp_path / "a.pt", download=False)[1]
+    b = train_and_save(cfg, mnist_dir, tmp_path / "b.pt", download=False)[1]
+    assert a["sha256"] == b["sha256"]
+
+
+@pytest.mark.slow
+def test_shipped_weights_score_at_least_99_percent(mnist_dir: Path, weights_path: Path) -> None:
+    ev = evaluate(weights_path, mnist_dir, download=False)
+    assert ev.accuracy >= 0.990
+    recorded = json.loads(metadata_path(weights_path).read_text())["mnist_test_accuracy"]
+    assert ev.accuracy == pytest.approx(recorded, abs=1e-4)
+
+
+def test_missing_mnist_offline_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found in .* download is off"):
+        load_mnist(tmp_path, train=False, download=False)
+
+
+def test_recipe_file_is_the_shipped_configuration(weights_path: Path) -> None:
+    cfg = load_recipe(REPO / "train" / "recipe.toml", {})
+    shipped = json.loads(metadata_path(weights_path).read_text())["training"]
+    for field in ("epochs", "batch_size", "lr", "seed", "shift", "rotate_deg", "dropout"):
+        assert getattr(cfg, field) == shipped[field], field
