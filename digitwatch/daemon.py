@@ -1,9 +1,612 @@
-"""`digitwatch run`: claim ready files, answer them in batches, exactly once."""
+"""`digitwatch run`: claim ready files, answer them in batches, exactly once.
+
+Layout (all renames stay on one filesystem and inside the watched tree):
+
+    inbox/x.png                                   dropped by a producer
+    inbox/.digitwatch/work/<daemon>/<claim>~x.png  claimed (renamed) before it is read
+    inbox/.digitwatch/processed/<claim>~x.png      answered (failed/ when status is error)
+    outbox/x.png.<claim>.json                      one result per claim, never overwritten
+    outbox/results.csv                             one row per claim, appended under flock
+
+A batch commits in this order: every JSON (temp + rename), then all CSV rows in one
+O_APPEND write under an exclusive flock, then one sync, then the inputs are archived.
+A file still in a work folder therefore has either no JSON (answer it again: the JSON
+name is fixed by the claim id, so the rewrite replaces a partial attempt), or a JSON
+whose CSV row may be missing (append it). Each daemon flocks `work/<daemon>/.lock` for
+its lifetime; a work folder whose lock can be taken belonged to a dead daemon and is
+adopted, at start and at every rescan.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import ctypes
+import dataclasses
+import datetime as dt
+import fcntl
+import itertools
+import json
+import os
+import queue
+import secrets
+import signal
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from digitwatch.classify import load_weights
+from digitwatch.codec import Limits
+from digitwatch.errors import FolderError, WatcherDied
+from digitwatch.pipeline import Input, Pipeline
+from digitwatch.results import Record, csv_lines, write_json_atomic
+from digitwatch.sdnotify import Notifier
 from digitwatch.settings import Settings
+from digitwatch.watcher import DIRECTORY, SCAN, STATE_DIR, Gate, Watcher, scan
+
+log = structlog.get_logger()
+
+CSV_NAME = "results.csv"
+_STOP = ("", "stop")
+_STATUS_EVERY = 1.0
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def check_folders(settings: Settings) -> tuple[Path, Path]:
+    """Resolve and validate inbox and outbox, or raise FolderError with one line."""
+    inbox, outbox = settings.inbox.resolve(), settings.outbox.resolve()
+    for role, folder in (("inbox", inbox), ("outbox", outbox)):
+        if not folder.is_dir():
+            raise FolderError(f"{role} {folder} does not exist or is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise FolderError(f"{role} {folder} is not writable")
+    if outbox == inbox or outbox.is_relative_to(inbox):
+        raise FolderError(f"outbox {outbox} is the inbox or inside it: results would be read back")
+    if settings.recursive and inbox.is_relative_to(outbox):
+        raise FolderError(
+            f"inbox {inbox} is inside outbox {outbox}: --recursive would mirror results into it"
+        )
+    return inbox, outbox
 
 
 def serve(settings: Settings, *, check_only: bool = False) -> int:
-    raise NotImplementedError
+    """Validate, then (unless `check_only`) run the service until SIGTERM/SIGINT."""
+    inbox, outbox = check_folders(settings)
+    weights = load_weights(settings.weights)
+    if check_only:
+        print(f"digitwatch: ok: inbox {inbox}, outbox {outbox}, model {weights.model_id}")
+        return 0
+    pipeline = Pipeline(
+        weights,
+        limits=Limits(settings.max_pixels, settings.max_file_bytes),
+        uncertain_below=settings.uncertain_below,
+        workers=settings.workers,
+    )
+    with pipeline:
+        return Daemon(settings, inbox, outbox, pipeline, Notifier.from_environ()).run()
+
+
+@dataclass
+class Claim:
+    rel: str  # the input's path relative to the inbox: the record's `input`
+    claim_id: str
+    work: Path  # where the claimed file is now
+    detected_at: float  # wall clock
+
+    @property
+    def subdir(self) -> str:
+        return self.rel.rpartition("/")[0]
+
+    @property
+    def name(self) -> str:
+        return self.rel.rpartition("/")[2]
+
+    @property
+    def stored_name(self) -> str:
+        return f"{self.claim_id}~{self.name}"
+
+
+def _iso(wall_us: int) -> str:
+    t = dt.datetime.fromtimestamp(wall_us // 1_000_000, dt.UTC)
+    return t.replace(microsecond=wall_us % 1_000_000).isoformat(timespec="microseconds")
+
+
+def _load_syncfs() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    return fn
+
+
+_syncfs = _load_syncfs()
+
+
+class Results:
+    """The outbox: JSON files, the shared CSV, and the one sync per batch."""
+
+    def __init__(self, outbox: Path, *, fsync: bool) -> None:
+        self.outbox = outbox
+        self.csv = outbox / CSV_NAME
+        self.fsync = fsync
+        self._dirs: set[str] = set()
+
+    def json_path(self, claim: Claim) -> Path:
+        return self.outbox / claim.subdir / f"{claim.name}.{claim.claim_id}.json"
+
+    def write_json(self, claim: Claim, record: Record) -> None:
+        path = self.json_path(claim)
+        parent = str(path.parent)
+        if parent not in self._dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(parent)
+        write_json_atomic(path, record.to_json())
+
+    def append_csv(self, records: list[Record], *, unless_present: bool = False) -> int:
+        """Append rows in one write under an exclusive flock; returns how many were written."""
+        fd = os.open(self.csv, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = _repair_tail(fd)
+            if unless_present and size:
+                present = _csv_keys(fd)
+                records = [r for r in records if (r.input, r.processed_at) not in present]
+            if records:
+                data = csv_lines(records, header=size == 0).encode()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            return len(records)
+        finally:
+            os.close(fd)  # releases the flock
+
+    def sync(self, *folders: Path) -> None:
+        """One sync per batch: syncfs on each filesystem involved (fsync of each file is ~3 ms)."""
+        if not self.fsync:
+            return
+        seen: set[int] = set()
+        for folder in folders:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                dev = os.fstat(fd).st_dev
+                if dev in seen:
+                    continue
+                seen.add(dev)
+                if _syncfs is None or _syncfs(fd) != 0:
+                    os.sync()
+            finally:
+                os.close(fd)
+
+
+def _repair_tail(fd: int) -> int:
+    """Cut a row torn by a crash mid-write (no final newline); return the file size."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    start = max(0, size - 65536)
+    tail = os.pread(fd, size - start, start)
+    cut = tail.rfind(b"\n")
+    keep = start + cut + 1 if cut >= 0 else 0
+    os.ftruncate(fd, keep)
+    log.warning("csv_repaired", dropped_bytes=size - keep)
+    return keep
+
+
+def _csv_keys(fd: int) -> set[tuple[str, str]]:
+    with os.fdopen(os.dup(fd), "r", newline="", encoding="utf-8") as f:
+        f.seek(0)
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            return set()
+        i, j = header.index("input"), header.index("processed_at")
+        return {(row[i], row[j]) for row in reader if len(row) > max(i, j)}
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        inbox: Path,
+        outbox: Path,
+        pipeline: Pipeline,
+        notifier: Notifier,
+    ) -> None:
+        self.s = settings
+        self.inbox = inbox
+        self.outbox = outbox
+        self.pipeline = pipeline
+        self.notifier = notifier
+        self.results = Results(outbox, fsync=settings.fsync)
+        state = inbox / STATE_DIR
+        self.work_root = state / "work"
+        self.archive = {"ok": state / "processed", "failed": state / "failed"}
+        self.daemon_id = f"{os.getpid()}-{secrets.token_hex(3)}"
+        self.work = self.work_root / self.daemon_id
+        self._lock_fd: int | None = None
+        self._counter = itertools.count()
+        self._last_us = 0
+        self._dirs: set[Path] = set()
+        self.queue: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self.gate = Gate(settings.quiet_period, use_leases=settings.poll <= 0)
+        self.ready: dict[str, float] = {}  # path -> detected_at, in arrival order
+        self.first_ready = 0.0
+        self.backlog: list[Claim] = []  # adopted claims that still need an answer
+        self.skipped: dict[str, int] = {}  # non-regular paths already logged, by inode
+        self.counts = {"ok": 0, "no_digit": 0, "error": 0}
+        self.stopping = False
+        self.watcher = Watcher(
+            inbox, recursive=settings.recursive, poll=settings.poll, sink=self.queue.put
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        t0 = time.monotonic()
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        # A lease break would deliver SIGIO, whose default action kills the process.
+        previous[signal.SIGIO] = signal.signal(signal.SIGIO, signal.SIG_IGN)
+        try:
+            self._make_folders()
+            self._adopt_dead_peers()
+            self.watcher.start()  # before the scan, so nothing lands unseen in between
+            for path in scan(self.inbox, recursive=self.s.recursive):
+                self._offer(path, SCAN)
+            self.next_rescan = time.monotonic() + self.s.rescan_interval
+            self.notifier.ready(self._status())
+            log.info(
+                "ready",
+                inbox=str(self.inbox),
+                outbox=str(self.outbox),
+                model=self.pipeline.model_id,
+                daemon=self.daemon_id,
+                backlog=len(self.ready) + len(self.gate.pending) + len(self.backlog),
+                ms=round((time.monotonic() - t0) * 1000, 1),
+            )
+            self._loop()
+        finally:
+            self.notifier.stopping(self._status())
+            self.watcher.stop()
+            self._release_folders()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.notifier.close()
+        log.info("stopped", **self.counts)
+        return 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        self.queue.put(_STOP)  # SimpleQueue.put is reentrant: safe in a signal handler
+
+    def _make_folders(self) -> None:
+        try:
+            self.work_root.mkdir(parents=True, exist_ok=True)
+            for folder in self.archive.values():
+                folder.mkdir(exist_ok=True)
+            # Build the work folder under a hidden name and rename it into place with its
+            # lock held, so a peer never sees it unlocked and adopts it.
+            tmp = self.work_root / f".new-{self.daemon_id}"
+            tmp.mkdir()
+            self._lock_fd = os.open(tmp / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            tmp.rename(self.work)
+        except OSError as e:
+            raise FolderError(f"cannot create {self.work_root}: {e.strerror or e}") from None
+
+    def _release_folders(self) -> None:
+        if self._lock_fd is None:
+            return
+        # Whatever is still claimed stays for the next start; an empty folder goes.
+        if not any(p.name != ".lock" for p in self.work.iterdir()):
+            (self.work / ".lock").unlink(missing_ok=True)
+            self.work.rmdir()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    # -- recovery ----------------------------------------------------------------------
+
+    def _adopt_dead_peers(self) -> None:
+        """Move a dead daemon's claims into our work folder and finish them."""
+        adopted = 0
+        for peer in list(self.work_root.iterdir()):
+            if peer == self.work or not peer.is_dir():
+                continue
+            try:
+                fd = os.open(peer / ".lock", os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if peer.name.startswith("."):
+                    continue  # a peer between mkdir and lock, or a leftover: not ours to judge
+                fd = -1
+            except OSError:
+                continue
+            try:
+                if fd >= 0:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # alive
+                adopted += self._move_claims(peer)
+                (peer / ".lock").unlink(missing_ok=True)
+                _remove_empty_tree(peer)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        if adopted:
+            log.info("recovered", files=adopted)
+        self._finish_recovered()
+
+    def _move_claims(self, peer: Path) -> int:
+        moved = 0
+        for dirpath, _dirs, files in os.walk(peer):
+            sub = os.path.relpath(dirpath, peer)
+            for name in files:
+                if name == ".lock" or "~" not in name:
+                    continue
+                target = self.work / sub / name if sub != "." else self.work / name
+                self._ensure_dir(target.parent)
+                try:
+                    (Path(dirpath) / name).rename(target)
+                    moved += 1
+                except FileNotFoundError:
+                    continue  # another daemon adopted it first
+        return moved
+
+    def _finish_recovered(self) -> None:
+        """Adopted claims: archive those already answered, queue the rest for a batch."""
+        answered: list[tuple[Claim, Record]] = []
+        for dirpath, _dirs, files in os.walk(self.work):
+            sub = os.path.relpath(dirpath, self.work)
+            for name in files:
+                if name == ".lock" or "~" not in name:
+                    continue
+                claim_id, base = name.split("~", 1)
+                rel = base if sub == "." else f"{sub}/{base}"
+                claim = Claim(rel, claim_id, Path(dirpath) / name, time.time())
+                try:
+                    data = json.loads(self.results.json_path(claim).read_text())
+                    record = Record(**data)
+                except (OSError, ValueError, TypeError):
+                    if claim.claim_id not in {c.claim_id for c in self.backlog}:
+                        self.backlog.append(claim)
+                    continue
+                answered.append((claim, record))
+        if not answered:
+            return
+        added = self.results.append_csv([r for _, r in answered], unless_present=True)
+        self.results.sync(self.outbox, self.inbox)
+        for claim, record in answered:
+            self._archive(claim, record.status)
+        log.info("recovered_answers", files=len(answered), csv_rows_added=added)
+
+    # -- main loop ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        ping_every = self.notifier.watchdog_every
+        next_ping = time.monotonic()
+        next_status = 0.0
+        q = self.queue
+        while not self.stopping:
+            now = time.monotonic()
+            if ping_every is not None and now >= next_ping:
+                # From this loop only: a stuck batch stops the pings and systemd restarts us.
+                self.notifier.watchdog()
+                next_ping = now + ping_every
+            if now >= next_status:
+                self.notifier.status(self._status())
+                next_status = now + _STATUS_EVERY
+            if not self.watcher.alive():
+                raise WatcherDied("the filesystem observer stopped; exiting so it can restart")
+            if now >= self.next_rescan:
+                self._rescan()
+            for path, detected in self.gate.due(now):
+                self._mark_ready(path, detected)
+            if self.backlog:
+                batch, self.backlog = (
+                    self.backlog[: self.s.batch_size],
+                    self.backlog[self.s.batch_size :],
+                )
+                self._answer(batch)
+                continue
+            if self.ready and (
+                len(self.ready) >= self.s.batch_size
+                or now >= self.first_ready + self.s.max_delay_ms / 1000
+            ):
+                self._run_batch()
+                continue
+            wake = min(now + 1.0, self.next_rescan, self.gate.next_check(), next_status)
+            if ping_every is not None:
+                wake = min(wake, next_ping)
+            if self.ready:
+                wake = min(wake, self.first_ready + self.s.max_delay_ms / 1000)
+            try:
+                item = q.get(timeout=max(0.0, wake - now))
+            except queue.Empty:
+                continue
+            self._take(item)
+            # Drain what is already queued without blocking: a burst fills whole batches.
+            while len(self.ready) < self.s.batch_size and not self.stopping:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                self._take(item)
+
+    def _take(self, item: tuple[str, str]) -> None:
+        path, hint = item
+        if item is _STOP:
+            self.stopping = True
+        elif hint == DIRECTORY:
+            for p in scan(Path(path), recursive=True):
+                self._offer(p, SCAN)
+        else:
+            self._offer(path, hint)
+
+    def _offer(self, path: str, hint: str) -> None:
+        if path in self.ready:
+            return
+        detected = self.gate.offer(path, hint, time.monotonic(), time.time())
+        if detected is not None:
+            self._mark_ready(path, detected)
+
+    def _mark_ready(self, path: str, detected: float) -> None:
+        if not self.ready:
+            self.first_ready = time.monotonic()
+        self.ready.setdefault(path, detected)
+
+    def _rescan(self) -> None:
+        """Catch what inotify dropped (queue overflow is silent) and adopt dead peers' work."""
+        self._adopt_dead_peers()
+        for path in scan(self.inbox, recursive=self.s.recursive):
+            self._offer(path, SCAN)
+        self.next_rescan = time.monotonic() + self.s.rescan_interval
+
+    def _status(self) -> str:
+        c = self.counts
+        waiting = len(self.ready) + len(self.gate.pending) + len(self.backlog)
+        return f"{c['ok']} ok, {c['no_digit']} no digit, {c['error']} errors; {waiting} waiting"
+
+    # -- one batch ---------------------------------------------------------------------
+
+    def _run_batch(self) -> None:
+        claims: list[Claim] = []
+        while self.ready and len(claims) < self.s.batch_size:
+            path = next(iter(self.ready))
+            detected = self.ready.pop(path)
+            claim = self._claim(path, detected)
+            if claim is not None:
+                claims.append(claim)
+        if claims:
+            self._answer(claims)
+
+    def _claim(self, path: str, detected: float) -> Claim | None:
+        """Rename the file into our work folder; None if it is gone or not a regular file."""
+        rel = self.watcher.filter.relative(path)
+        if rel is None:
+            return None
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("skipped", input=rel, reason=e.strerror)
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            if self.skipped.get(path) != st.st_ino:
+                self.skipped[path] = st.st_ino
+                log.warning("skipped", input=rel, reason="not a regular file; left in place")
+            return None
+        claim_id = f"{time.time_ns():x}-{self.daemon_id.rsplit('-', 1)[1]}{next(self._counter):x}"
+        target = self.work / rel.rpartition("/")[0] / f"{claim_id}~{rel.rpartition('/')[2]}"
+        if target.parent != self.work:
+            self._ensure_dir(target.parent)
+        try:
+            Path(path).rename(target)
+        except FileNotFoundError:
+            return None  # a peer claimed it first
+        except OSError as e:
+            log.warning("skipped", input=rel, reason=f"cannot claim: {e.strerror}")
+            return None
+        return Claim(rel, claim_id, target, detected)
+
+    def _read(self, claim: Claim) -> Input:
+        limit = self.s.max_file_bytes
+        try:
+            fd = os.open(claim.work, _OPEN_FLAGS)
+        except OSError as e:
+            return Input(claim.rel, None, f"cannot open file: {e.strerror or e}")
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return Input(claim.rel, None, "not a regular file")
+            if st.st_size > limit:
+                return Input(claim.rel, None, f"file is {st.st_size} bytes, over the limit")
+            chunks: list[bytes] = []
+            total = 0
+            while total <= limit:
+                chunk = os.read(fd, max(st.st_size + 1 - total, 65536))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+            if total > limit:
+                return Input(claim.rel, None, f"file grew past the {limit} byte limit")
+            return Input(claim.rel, b"".join(chunks))
+        except OSError as e:
+            return Input(claim.rel, None, f"cannot read file: {e.strerror or e}")
+        finally:
+            os.close(fd)
+
+    def _stamp(self) -> str:
+        """processed_at, strictly increasing per daemon: with `input` it names a CSV row."""
+        self._last_us = max(time.time_ns() // 1000, self._last_us + 1)
+        return _iso(self._last_us)
+
+    def _answer(self, claims: list[Claim]) -> None:
+        t0 = time.perf_counter()
+        results = self.pipeline.run([self._read(c) for c in claims])
+        records = [
+            dataclasses.replace(
+                r.record,
+                detected_at=_iso(int(c.detected_at * 1_000_000)),
+                processed_at=self._stamp(),
+            )
+            for c, r in zip(claims, results, strict=True)
+        ]
+        try:
+            for c, rec in zip(claims, records, strict=True):
+                self.results.write_json(c, rec)
+            self.results.append_csv(records)
+            self.results.sync(self.outbox, self.inbox)
+        except OSError as e:
+            # Claimed inputs stay in the work folder and are answered after a restart.
+            raise FolderError(f"cannot write results to {self.outbox}: {e.strerror or e}") from e
+        for c, rec in zip(claims, records, strict=True):
+            self._archive(c, rec.status)
+            self.counts[rec.status] += 1
+            log.info(
+                "image",
+                input=rec.input,
+                status=rec.status,
+                digit=rec.digit,
+                confidence=rec.confidence,
+                ms=rec.elapsed_ms,
+                error=rec.error,
+                claim=c.claim_id,
+            )
+        log.info(
+            "batch",
+            files=len(claims),
+            ms=round((time.perf_counter() - t0) * 1000, 3),
+            **{k: sum(r.status == k for r in records) for k in self.counts},
+        )
+
+    def _archive(self, claim: Claim, status: str) -> None:
+        try:
+            if self.s.on_success == "delete" and status != "error":
+                claim.work.unlink()
+                return
+            target = self.archive["failed" if status == "error" else "ok"] / claim.subdir
+            if claim.subdir:
+                self._ensure_dir(target)
+            claim.work.rename(target / claim.stored_name)
+        except OSError as e:
+            log.error("archive_failed", input=claim.rel, claim=claim.claim_id, error=str(e))
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder not in self._dirs:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(folder)
+
+
+def _remove_empty_tree(root: Path) -> None:
+    for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda t: -len(t[0])):
+        with contextlib.suppress(OSError):
+            Path(dirpath).rmdir()

@@ -1,0 +1,138 @@
+"""Helpers for end-to-end daemon tests: a real `digitwatch run` subprocess and deadlines."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from digitwatch.codec import encode_png
+from digitwatch.settings import DEFAULT_WEIGHTS
+
+
+def wait_for(condition: Callable[[], bool], deadline: float = 10.0, what: str = "") -> None:
+    """Poll `condition` until it holds, or fail after `deadline` seconds."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.02)
+    if condition():
+        return
+    raise AssertionError(f"timed out after {deadline} s waiting for {what or condition}")
+
+
+def digit_png(seed: int = 0, *, blank: bool = False, size: int = 28) -> bytes:
+    """A small dark-on-white PNG: a '1'-like stroke, or a blank page (no_digit)."""
+    img = np.full((size, size), 255, np.uint8)
+    if not blank:
+        rng = np.random.default_rng(seed)
+        x = size // 2 + int(rng.integers(-3, 4))
+        img[size // 5 : size - size // 5, x - 1 : x + 2] = 0
+    return encode_png(img)
+
+
+def drop(inbox: Path, name: str, data: bytes, *, staging: Path | None = None) -> Path:
+    """Write the file outside the inbox, then rename it in (how careful producers deliver)."""
+    staging = staging or inbox.parent / "staging"
+    staging.mkdir(exist_ok=True)
+    tmp = staging / name
+    tmp.write_bytes(data)
+    target = inbox / name
+    tmp.rename(target)
+    return target
+
+
+def results(outbox: Path) -> list[dict[str, object]]:
+    return [json.loads(p.read_text()) for p in sorted(outbox.rglob("*.json"))]
+
+
+def csv_rows(outbox: Path) -> list[dict[str, str]]:
+    path = outbox / "results.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class DaemonProcess:
+    """`python -m digitwatch run` with JSON logs captured to a file."""
+
+    def __init__(
+        self,
+        inbox: Path,
+        outbox: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> None:
+        self.log = log or outbox.parent / f"daemon-{time.monotonic_ns()}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "digitwatch",
+            "run",
+            "--inbox",
+            str(inbox),
+            "--outbox",
+            str(outbox),
+            "--weights",
+            str(DEFAULT_WEIGHTS),
+            "--log-format",
+            "json",
+            *extra,
+        ]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("DIGITWATCH_")}
+        full_env.pop("NOTIFY_SOCKET", None)
+        full_env.update(env or {})
+        self._log_file = self.log.open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env)
+
+    def events(self) -> list[dict[str, object]]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def has_event(self, name: str) -> bool:
+        return any(e.get("event") == name for e in self.events())
+
+    def wait_ready(self, deadline: float = 10.0) -> None:
+        wait_for(
+            lambda: self.has_event("ready") or self.proc.poll() is not None, deadline, "ready"
+        )
+        assert self.proc.poll() is None, f"daemon exited early:\n{self.log.read_text()}"
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, deadline: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(deadline)
+        finally:
+            self.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log_file.close()
