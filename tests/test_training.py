@@ -18,14 +18,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_short_training_run_beats_80_percent(mnist_dir: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=1, train_limit=2000, val_size=1000, seed=1)
+    # No augmentation: 63 steps are too few to learn through random affines.
+    plain = {"rotate_deg": 0.0, "scale": 0.0, "shear": 0.0, "shift": 0.0}
+    cfg = TrainConfig(epochs=1, train_limit=2000, val_size=1000, seed=1, batch_size=32, **plain)
     out = tmp_path / "w.pt"
     epochs: list[float] = []
     result, meta = train_and_save(
         cfg, mnist_dir, out, download=False, on_epoch=lambda r: epochs.append(r.val_accuracy)
     )
     assert meta["mnist_test_accuracy"] > 0.80
-    assert len(epochs) == 1 and epochs[0] > 0.75
+    assert len(epochs) == 1 and epochs[0] > 0.75  # validation accuracy reported per epoch
     assert load_weights(out).sha256 == meta["sha256"]
     assert meta["training"]["seed"] == 1 and meta["training"]["train_limit"] == 2000
 
