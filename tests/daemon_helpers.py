@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from digitwatch.codec import encode_png
@@ -31,12 +32,15 @@ def wait_for(condition: Callable[[], bool], deadline: float = 10.0, what: str = 
 
 
 def digit_png(seed: int = 0, *, blank: bool = False, size: int = 28) -> bytes:
-    """A small dark-on-white PNG: a '1'-like stroke, or a blank page (no_digit)."""
+    """A small dark-on-white PNG of a '7'-like stroke (status ok), or a blank page (no_digit)."""
     img = np.full((size, size), 255, np.uint8)
     if not blank:
-        rng = np.random.default_rng(seed)
-        x = size // 2 + int(rng.integers(-3, 4))
-        img[size // 5 : size - size // 5, x - 1 : x + 2] = 0
+        s = size / 28
+        dx = int(np.random.default_rng(seed).integers(-2, 3) * s)
+        width = int(2 * s) + 1
+        top = int(6 * s)
+        cv2.line(img, (int(8 * s) + dx, top), (int(20 * s) + dx, top), 0, width)
+        cv2.line(img, (int(20 * s) + dx, top), (int(12 * s) + dx, int(23 * s)), 0, width)
     return encode_png(img)
 
 
@@ -94,7 +98,9 @@ class DaemonProcess:
         full_env.pop("NOTIFY_SOCKET", None)
         full_env.update(env or {})
         self._log_file = self.log.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env
+        )
 
     def events(self) -> list[dict[str, object]]:
         out = []
@@ -110,9 +116,7 @@ class DaemonProcess:
         return any(e.get("event") == name for e in self.events())
 
     def wait_ready(self, deadline: float = 10.0) -> None:
-        wait_for(
-            lambda: self.has_event("ready") or self.proc.poll() is not None, deadline, "ready"
-        )
+        wait_for(lambda: self.has_event("ready") or self.proc.poll() is not None, deadline, "ready")
         assert self.proc.poll() is None, f"daemon exited early:\n{self.log.read_text()}"
 
     def signal(self, sig: signal.Signals) -> None:
