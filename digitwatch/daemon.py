@@ -581,7 +581,10 @@ class Daemon:
 
     def _answer(self, claims: list[Claim]) -> None:
         t0 = time.perf_counter()
-        results = self.pipeline.run([self._read(c) for c in claims])
+        inputs = [self._read(c) for c in claims]
+        t1 = time.perf_counter()
+        results = self.pipeline.run(inputs)
+        t2 = time.perf_counter()
         records = [
             dataclasses.replace(
                 r.record,
@@ -615,6 +618,7 @@ class Daemon:
             "batch",
             files=len(claims),
             ms=round((time.perf_counter() - t0) * 1000, 3),
+            pipeline_ms=round((t2 - t1) * 1000, 3),
             **{k: sum(r.status == k for r in records) for k in self.counts},
         )
 
