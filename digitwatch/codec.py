@@ -1,9 +1,18 @@
-"""Decode stage: image bytes to an 8-bit gray array, with limits checked before decoding."""
+"""Decode stage: image bytes to an 8-bit gray array, with limits checked before decoding.
+
+The format comes from the magic bytes, never from the file name. Width and height are
+read from the header in pure Python and checked against `Limits` before OpenCV sees
+the data: OpenCV's own cap is 2^30 pixels, so a 30000x30000 PNG of under 1 MB would
+otherwise decode to 1.8 GB. Formats whose size cannot be read from the header are
+refused rather than decoded blind.
+"""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -13,11 +22,202 @@ from digitwatch.errors import InputError
 
 Gray = npt.NDArray[np.uint8]
 
+# JPEG decoding is cheapest when libjpeg scales the DCT (IMREAD_REDUCED_*). A factor is
+# used only while the reduced shorter side stays at or above this many pixels: a digit
+# covering a tenth of such an image still gets about 40 px, far more than the 20 px box
+# it ends in, so the answer does not change (benchmarks/corpus_accuracy.py measures it).
+REDUCED_MIN_SIDE = 360
+_REDUCED_FLAGS = (
+    (8, cv2.IMREAD_REDUCED_GRAYSCALE_8),
+    (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+    (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
+)
+
 
 @dataclass(frozen=True)
 class Limits:
     max_pixels: int = 40_000_000
     max_bytes: int = 50 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the header says: format, size, and whether pixels may carry transparency."""
+
+    format: str
+    width: int
+    height: int
+    alpha: bool
+
+
+def _png(data: bytes) -> Header:
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise InputError("truncated PNG header")
+    width, height, _depth, color_type = struct.unpack(">IIBB", data[16:26])
+    alpha = color_type in (4, 6)
+    if not alpha:
+        # A tRNS chunk gives gray, RGB or palette images transparency; it must come
+        # before the first IDAT, so only the chunks ahead of the pixels are walked.
+        pos = 33
+        while pos + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+            if kind in (b"IDAT", b"IEND"):
+                break
+            if kind == b"tRNS":
+                alpha = True
+                break
+            pos += 12 + length
+    return Header("PNG", width, height, alpha)
+
+
+# Start-of-frame markers carry the size; C4 (huffman tables), C8 and CC are not frames.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg(data: bytes) -> Header:
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise InputError("corrupt JPEG header")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in _SOF:
+            if pos + 9 > len(data):
+                break
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return Header("JPEG", width, height, False)
+        if marker == 0xDA or length < 2:  # scan data before any frame header
+            break
+        pos += 2 + length
+    raise InputError("truncated JPEG header (no frame size found)")
+
+
+def _gif(data: bytes) -> Header:
+    if len(data) < 10:
+        raise InputError("truncated GIF header")
+    width, height = struct.unpack("<HH", data[6:10])
+    return Header("GIF", width, height, False)
+
+
+def _bmp(data: bytes) -> Header:
+    if len(data) < 26:
+        raise InputError("truncated BMP header")
+    (dib_size,) = struct.unpack("<I", data[14:18])
+    if dib_size == 12:  # OS/2 BITMAPCOREHEADER
+        width, height = struct.unpack("<hh", data[18:22])
+    else:
+        width, height = struct.unpack("<ii", data[18:26])
+    # Height is negative for top-down rows. 32-bit BMPs often hold garbage in the
+    # fourth byte and OpenCV drops it anyway, so BMP is read as opaque.
+    return Header("BMP", abs(width), abs(height), False)
+
+
+def _webp(data: bytes) -> Header:
+    if len(data) < 30:
+        raise InputError("truncated WebP header")
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        flags = data[20]
+        width = 1 + int.from_bytes(data[24:27], "little")
+        height = 1 + int.from_bytes(data[27:30], "little")
+        return Header("WebP", width, height, bool(flags & 0x10))
+    if chunk == b"VP8L":
+        if data[20] != 0x2F:
+            raise InputError("corrupt WebP lossless header")
+        (bits,) = struct.unpack("<I", data[21:25])
+        width = 1 + (bits & 0x3FFF)
+        height = 1 + ((bits >> 14) & 0x3FFF)
+        return Header("WebP", width, height, bool(bits >> 28 & 1))
+    if chunk == b"VP8 ":
+        if data[23:26] != b"\x9d\x01\x2a":
+            raise InputError("corrupt WebP lossy header")
+        width, height = struct.unpack("<HH", data[26:30])
+        return Header("WebP", width & 0x3FFF, height & 0x3FFF, False)
+    raise InputError("unknown WebP variant")
+
+
+def _tiff(data: bytes) -> Header:
+    end = "<" if data[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack(end + "I", data[4:8])
+        (count,) = struct.unpack(end + "H", data[ifd : ifd + 2])
+        tags: dict[int, int] = {}
+        for i in range(count):
+            entry = data[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+            tag, kind, n = struct.unpack(end + "HHI", entry[:8])
+            if kind == 3:  # SHORT: value left-justified in the 4-byte field
+                (value,) = struct.unpack(end + "H", entry[8:10])
+            elif kind == 4:  # LONG
+                (value,) = struct.unpack(end + "I", entry[8:12])
+            else:
+                continue
+            if n == 1 or tag == 338:
+                tags[tag] = value
+    except struct.error:
+        raise InputError("truncated TIFF header") from None
+    if 256 not in tags or 257 not in tags:
+        raise InputError("TIFF header has no image size")
+    # ExtraSamples (338) marks an alpha channel; 2 samples means gray + alpha.
+    # Four samples with PhotometricInterpretation 5 are CMYK, not RGBA.
+    alpha = 338 in tags or (tags.get(277, 1) in (2, 4) and tags.get(262) != 5)
+    return Header("TIFF", tags[256], tags[257], alpha)
+
+
+def read_header(data: bytes) -> Header:
+    """Identify the format by its magic bytes and read the size; InputError otherwise."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return _png(data)
+    if data.startswith(b"\xff\xd8\xff"):
+        return _jpeg(data)
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return _gif(data)
+    if data.startswith(b"BM"):
+        return _bmp(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp(data)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff(data)
+    raise InputError("not an image in a supported format (PNG, JPEG, GIF, BMP, WebP, TIFF)")
+
+
+def _to_8bit(img: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    if img.dtype == np.uint8:
+        return np.asarray(img, dtype=np.uint8)
+    if img.dtype == np.uint16:
+        return np.asarray(np.right_shift(img, 8), dtype=np.uint8)
+    f = img.astype(np.float32)
+    if f.size and float(np.nanmax(f)) <= 1.0:  # float TIFF scaled to [0, 1]
+        f *= 255.0
+    return np.asarray(np.clip(np.nan_to_num(f), 0, 255), dtype=np.uint8)
+
+
+def _flatten_alpha(raw: npt.NDArray[Any]) -> Gray:
+    """Any channel count and depth to 8-bit gray, with transparency composited onto white."""
+    img = _to_8bit(raw)
+    if img.ndim == 2:
+        return img
+    channels = img.shape[2]
+    if channels == 1:
+        return np.ascontiguousarray(img[:, :, 0])
+    if channels == 3:
+        return np.asarray(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), dtype=np.uint8)
+    alpha = img[:, :, -1]
+    gray: Gray = (
+        img[:, :, 0]
+        if channels == 2
+        else np.asarray(cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2GRAY))
+    )
+    # gray*a + 255*(1-a) in integers: strokes drawn only in the alpha channel (any
+    # color, even black under full transparency) become dark ink on white paper.
+    a = alpha.astype(np.uint16)
+    out = (gray.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return np.asarray(out, dtype=np.uint8)
 
 
 def decode(data: bytes, limits: Limits) -> Gray:
@@ -26,10 +226,32 @@ def decode(data: bytes, limits: Limits) -> Gray:
         raise InputError("empty file")
     if len(data) > limits.max_bytes:
         raise InputError(f"file is {len(data)} bytes, over the {limits.max_bytes} byte limit")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise InputError("not a readable image")
-    return np.asarray(img, dtype=np.uint8)
+    head = read_header(data)
+    if head.width <= 0 or head.height <= 0:
+        raise InputError(f"{head.format} header gives a {head.width}x{head.height} image")
+    if head.width * head.height > limits.max_pixels:
+        raise InputError(
+            f"{head.format} is {head.width}x{head.height} pixels, "
+            f"over the {limits.max_pixels} pixel limit"
+        )
+    buf = np.frombuffer(data, np.uint8)
+    flag = cv2.IMREAD_GRAYSCALE  # applies the EXIF orientation; UNCHANGED would not
+    if head.alpha:
+        flag = cv2.IMREAD_UNCHANGED  # keeps alpha (and depth) to composite below
+    elif head.format == "JPEG":
+        for factor, reduced in _REDUCED_FLAGS:
+            if min(head.width, head.height) // factor >= REDUCED_MIN_SIDE:
+                flag = reduced
+                break
+    try:
+        img = cv2.imdecode(buf, flag)
+    except cv2.error as e:
+        raise InputError(
+            f"cannot decode {head.format}: {str(e).strip().splitlines()[-1]}"
+        ) from None
+    if img is None or img.size == 0:
+        raise InputError(f"cannot decode {head.format} (corrupt or truncated)")
+    return _flatten_alpha(img)
 
 
 def encode_png(image: Gray) -> bytes:
