@@ -89,7 +89,9 @@ def serve(settings: Settings, *, check_only: bool = False) -> int:
         workers=settings.workers,
     )
     with pipeline:
-        return Daemon(settings, inbox, outbox, pipeline, Notifier.from_environ()).run()
+        return Daemon(settings, inbox, outbox, pipeline, Notifier.from_environ()).run(
+            restore_signals=False
+        )
 
 
 @dataclass
@@ -271,13 +273,17 @@ class Daemon:
         self.skipped: dict[str, int] = {}  # non-regular paths already logged, by inode
         self.counts = {"ok": 0, "no_digit": 0, "error": 0}
         self.stopping = False
+        self.inbox_ino = -1
+        self.next_rescan = float("inf")
         self.watcher = Watcher(
             inbox, recursive=settings.recursive, poll=settings.poll, sink=self.queue.put
         )
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def run(self) -> int:
+    def run(self, *, restore_signals: bool = True) -> int:
+        """Serve until SIGTERM/SIGINT; `restore_signals=False` keeps our handlers installed
+        after the loop, so a second SIGTERM during teardown cannot kill the process."""
         t0 = time.monotonic()
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
@@ -285,6 +291,7 @@ class Daemon:
         # A lease break would deliver SIGIO, whose default action kills the process.
         previous[signal.SIGIO] = signal.signal(signal.SIGIO, signal.SIG_IGN)
         try:
+            self.inbox_ino = self.inbox.stat().st_ino
             self._make_folders()
             self._adopt_dead_peers()
             self.watcher.start()  # before the scan, so nothing lands unseen in between
@@ -306,8 +313,9 @@ class Daemon:
             self.notifier.stopping(self._status())
             self.watcher.stop()
             self._release_folders()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            if restore_signals:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
             self.notifier.close()
         log.info("stopped", **self.counts)
         return 0
@@ -335,11 +343,15 @@ class Daemon:
         if self._lock_fd is None:
             return
         # Whatever is still claimed stays for the next start; an empty folder goes.
-        if not any(p.name != ".lock" for p in self.work.iterdir()):
-            (self.work / ".lock").unlink(missing_ok=True)
-            self.work.rmdir()
-        os.close(self._lock_fd)
-        self._lock_fd = None
+        try:
+            if not any(p.name != ".lock" for p in self.work.iterdir()):
+                (self.work / ".lock").unlink(missing_ok=True)
+                self.work.rmdir()
+        except OSError:
+            pass  # the inbox itself is gone: the error that stopped us says so
+        finally:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- recovery ----------------------------------------------------------------------
 
@@ -432,6 +444,7 @@ class Daemon:
             if now >= next_status:
                 self.notifier.status(self._status())
                 next_status = now + _STATUS_EVERY
+                self._check_inbox()
             if not self.watcher.alive():
                 raise WatcherDied("the filesystem observer stopped; exiting so it can restart")
             if now >= self.next_rescan:
@@ -468,6 +481,15 @@ class Daemon:
                 except queue.Empty:
                     break
                 self._take(item)
+
+    def _check_inbox(self) -> None:
+        """A removed, renamed or unmounted inbox leaves inotify watching nothing: exit."""
+        try:
+            ino = self.inbox.stat().st_ino
+        except OSError:
+            ino = -1
+        if ino != self.inbox_ino:
+            raise FolderError(f"inbox {self.inbox} disappeared while being watched")
 
     def _take(self, item: tuple[str, str]) -> None:
         path, hint = item

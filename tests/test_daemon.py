@@ -6,6 +6,7 @@ import collections
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,8 +17,11 @@ from pathlib import Path
 import pytest
 from daemon_helpers import DaemonProcess, csv_rows, digit_png, drop, results, wait_for
 
-from digitwatch.daemon import Results, _repair_tail
+from digitwatch.daemon import Daemon, Results, _repair_tail
+from digitwatch.errors import ExitCode, WatcherDied
 from digitwatch.results import CSV_COLUMNS, Record
+from digitwatch.sdnotify import Notifier
+from digitwatch.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -376,3 +380,68 @@ def test_recursive_mirrors_subfolders(folders: tuple[Path, Path]) -> None:
     assert {r["input"] for r in csv_rows(outbox)} == {"a/b/deep.png", "top.png"}
     assert len(list((outbox / "a" / "b").glob("deep.png.*.json"))) == 1
     assert json.loads(next((outbox / "a" / "b").glob("*.json")).read_text())["status"] == "ok"
+
+
+def test_a_vanished_inbox_exits_non_zero_for_a_restart(folders: tuple[Path, Path]) -> None:
+    inbox, outbox = folders
+    d = DaemonProcess(inbox, outbox)
+    try:
+        d.wait_ready()
+        shutil.rmtree(inbox)  # watching nothing: exit so systemd restarts (and reports) it
+        code = d.proc.wait(10)
+    finally:
+        d.close()
+    assert code == int(ExitCode.FOLDER), d.log.read_text()
+    assert "disappeared" in d.log.read_text()
+
+
+class _StubPipeline:
+    model_id = "stub"
+
+    def run(self, items: list[object]) -> list[object]:
+        raise AssertionError("no input expected")
+
+
+def test_a_dead_observer_thread_stops_the_service(
+    folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process: when watchdog's threads die, run() raises WatcherDied (exit code 8)."""
+    inbox, outbox = folders
+    settings = Settings(inbox=inbox, outbox=outbox)
+    daemon = Daemon(settings, inbox, outbox, _StubPipeline(), Notifier(None))  # type: ignore[arg-type]
+    real_start = daemon.watcher.start
+
+    def start_then_die() -> None:
+        real_start()
+        daemon.watcher._observer.stop()  # as if an exception had killed the thread
+        daemon.watcher._observer.join()
+
+    monkeypatch.setattr(daemon.watcher, "start", start_then_die)
+    with pytest.raises(WatcherDied) as err:
+        daemon.run()
+    assert err.value.exit_code == ExitCode.WATCHER_DIED
+    assert not (inbox / ".digitwatch" / "work" / daemon.daemon_id).exists()
+
+
+def test_a_survivor_adopts_a_killed_peers_claims(folders: tuple[Path, Path]) -> None:
+    inbox, outbox = folders
+    staging = inbox.parent / "staging"
+    staging.mkdir()
+    names = [f"s{i:03d}.png" for i in range(300)]
+    for i, n in enumerate(names):
+        (staging / n).write_bytes(digit_png(i))
+    a = DaemonProcess(inbox, outbox, "--batch-size", "8")
+    b = DaemonProcess(inbox, outbox, "--batch-size", "8", "--rescan-interval", "0.5")
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        for n in names:
+            (staging / n).rename(inbox / n)
+        wait_for(lambda: len(csv_rows(outbox)) >= 60, 15, "some answers")
+        a.kill()
+        wait_for(lambda: len(csv_rows(outbox)) >= len(names), 30, "the survivor finished")
+        wait_for(lambda: not state(inbox, "work"), 5, "no claims left behind")
+    finally:
+        a.close()
+        assert b.stop() == 0
+    assert_exactly_once(outbox, set(names))
