@@ -282,8 +282,13 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------
 
     def run(self, *, restore_signals: bool = True) -> int:
-        """Serve until SIGTERM/SIGINT; `restore_signals=False` keeps our handlers installed
-        after the loop, so a second SIGTERM during teardown cannot kill the process."""
+        """Serve until SIGTERM/SIGINT.
+
+        `restore_signals=False` (the service process) ignores further SIGTERM/SIGINT once
+        stopping: we are already on the way out, and CPython resets Python-level handlers
+        to the default (die) while finalizing, which would turn a repeated SIGTERM into a
+        kill instead of exit 0.
+        """
         t0 = time.monotonic()
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
@@ -310,6 +315,9 @@ class Daemon:
             )
             self._loop()
         finally:
+            if not restore_signals:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             self.notifier.stopping(self._status())
             self.watcher.stop()
             self._release_folders()
