@@ -54,6 +54,7 @@ log = structlog.get_logger()
 CSV_NAME = "results.csv"
 _STOP = ("", "stop")
 _STATUS_EVERY = 1.0
+_NEW_DIR_GRACE = 60.0  # seconds a half-made work folder (.new-*) is left to its maker
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -369,12 +370,12 @@ class Daemon:
         for peer in list(self.work_root.iterdir()):
             if peer == self.work or not peer.is_dir():
                 continue
+            if peer.name.startswith(".") and not _older_than(peer, _NEW_DIR_GRACE):
+                continue  # a peer still between mkdir and flock: not ours to judge yet
             try:
                 fd = os.open(peer / ".lock", os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
-                if peer.name.startswith("."):
-                    continue  # a peer between mkdir and lock, or a leftover: not ours to judge
-                fd = -1
+                fd = -1  # a crash before the lock existed
             except OSError:
                 continue
             try:
@@ -668,6 +669,13 @@ class Daemon:
         if folder not in self._dirs:
             folder.mkdir(parents=True, exist_ok=True)
             self._dirs.add(folder)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
 
 
 def _remove_empty_tree(root: Path) -> None:

@@ -445,3 +445,20 @@ def test_a_survivor_adopts_a_killed_peers_claims(folders: tuple[Path, Path]) -> 
         a.close()
         assert b.stop() == 0
     assert_exactly_once(outbox, set(names))
+
+
+def test_on_success_delete_removes_answered_inputs_but_keeps_failures(
+    folders: tuple[Path, Path],
+) -> None:
+    inbox, outbox = folders
+    d = DaemonProcess(inbox, outbox, "--on-success", "delete")
+    try:
+        d.wait_ready()
+        drop(inbox, "good.png", digit_png(1))
+        drop(inbox, "blank.png", digit_png(2, blank=True))
+        drop(inbox, "bad.png", b"not an image")
+        wait_for(lambda: len(csv_rows(outbox)) == 3, 5, "three answers")
+    finally:
+        assert d.stop() == 0
+    assert not state(inbox, "processed")
+    assert [p.name.split("~")[1] for p in state(inbox, "failed")] == ["bad.png"]
