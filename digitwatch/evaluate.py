@@ -15,6 +15,9 @@ from digitwatch.mnist import load_mnist
 from digitwatch.pipeline import Input, Pipeline
 
 
+SHEET_LIMIT = 600  # a weak model's thousands of errors would make an unreadable sheet
+
+
 @dataclass(frozen=True)
 class Evaluation:
     weights: str
@@ -54,8 +57,9 @@ def evaluate(
     wrong = np.nonzero(pred != labels)[0]
     sheet = None
     if sheet_path is not None:
-        captions = [f"{labels[i]}->{pred[i]}" for i in wrong]
-        write_png(sheet_path, contact_sheet([images[i] for i in wrong], captions))
+        shown = wrong[:SHEET_LIMIT]
+        captions = [f"{labels[i]}->{pred[i]}" for i in shown]
+        write_png(sheet_path, contact_sheet([images[i] for i in shown], captions))
         sheet = str(sheet_path)
     pipeline_acc = None
     if through_pipeline:

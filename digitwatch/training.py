@@ -24,18 +24,19 @@ from digitwatch.model import MLP, MLPConfig, save_checkpoint
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 40
     batch_size: int = 128
     lr: float = 3e-3  # one-cycle peak
     weight_decay: float = 0.0
     dropout: float = 0.1
     val_size: int = 5000
     seed: int = 0
-    rotate_deg: float = 12.0
+    rotate_deg: float = 10.0
     scale: float = 0.10
-    shear: float = 0.15
-    shift: float = 0.12
+    shear: float = 0.10
+    shift: float = 0.03  # inputs are centered by mass, so small shifts suffice
     thickness_p: float = 0.0  # probability of a random 3x3 dilation or erosion per image
+    label_smoothing: float = 0.0
     train_limit: int | None = None  # use only the first N training images (tests)
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -145,7 +146,8 @@ def train(
         for step in range(steps_per_epoch):
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = _augment(x_train[idx].float().div_(255.0), cfg, gen)
-            loss = F.cross_entropy(model((x - MNIST_MEAN) / MNIST_STD), y_train[idx])
+            logits = model((x - MNIST_MEAN) / MNIST_STD)
+            loss = F.cross_entropy(logits, y_train[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()

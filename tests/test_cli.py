@@ -80,7 +80,15 @@ def test_evaluate_json(mnist_dir: Path, weights_path: Path, tmp_path: Path) -> N
     sheet = tmp_path / "errors.png"
     result = runner.invoke(
         app,
-        ["evaluate", "--json", "--data-dir", str(mnist_dir), "--no-download", "--sheet", str(sheet)],
+        [
+            "evaluate",
+            "--json",
+            "--data-dir",
+            str(mnist_dir),
+            "--no-download",
+            "--sheet",
+            str(sheet),
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
