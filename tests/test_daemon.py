@@ -374,10 +374,19 @@ def test_recursive_mirrors_subfolders(folders: tuple[Path, Path]) -> None:
         (inbox / "a" / "b").mkdir(parents=True)
         drop(inbox / "a" / "b", "deep.png", digit_png(5))
         drop(inbox, "top.png", digit_png(6))
-        wait_for(lambda: len(csv_rows(outbox)) == 2, 5, "two answers")
+        # A whole folder renamed in: its files were never announced one by one.
+        batch = inbox.parent / "folder"
+        batch.mkdir()
+        (batch / "in_folder.png").write_bytes(digit_png(7))
+        batch.rename(inbox / "c")
+        wait_for(lambda: len(csv_rows(outbox)) == 3, 5, "three answers")
     finally:
         assert d.stop() == 0
-    assert {r["input"] for r in csv_rows(outbox)} == {"a/b/deep.png", "top.png"}
+    assert {r["input"] for r in csv_rows(outbox)} == {
+        "a/b/deep.png",
+        "top.png",
+        "c/in_folder.png",
+    }
     assert len(list((outbox / "a" / "b").glob("deep.png.*.json"))) == 1
     assert json.loads(next((outbox / "a" / "b").glob("*.json")).read_text())["status"] == "ok"
 
