@@ -170,6 +170,8 @@ def test_sigkill_during_burst_then_restart_answers_each_exactly_once(
         # Kill at a moment the daemon is mid-burst: some answered, most not.
         target = 40 + 120 * round_
         wait_for(lambda t=target: len(csv_rows(outbox)) >= t, 15, f"{target} answers")
+        # Aim for the middle of a batch: claimed files sitting in the work folder.
+        wait_for(lambda: bool(state(inbox, "work")), 5, "a batch in hand")
         d.kill()
         kills += 1
     d = DaemonProcess(inbox, outbox)
