@@ -54,6 +54,7 @@ log = structlog.get_logger()
 CSV_NAME = "results.csv"
 _STOP = ("", "stop")
 _STATUS_EVERY = 1.0
+_NAME_MAX = 255  # bytes in one file name on Linux filesystems
 _NEW_DIR_GRACE = 60.0  # seconds a half-made work folder (.new-*) is left to its maker
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -559,12 +560,18 @@ class Daemon:
         except OSError as e:
             log.warning("skipped", input=rel, reason=e.strerror)
             return None
+        claim_id = f"{time.time_ns():x}-{self.daemon_id.rsplit('-', 1)[1]}{next(self._counter):x}"
+        reason = None
         if not stat.S_ISREG(st.st_mode):
+            reason = "not a regular file; left in place"
+        elif len(os.fsencode(rel.rpartition("/")[2])) + len(claim_id) + 7 > _NAME_MAX:
+            # Its claim or result name would not fit: answering it would fail every batch.
+            reason = "name too long for a claimed or result name; left in place"
+        if reason is not None:
             if self.skipped.get(path) != st.st_ino:
                 self.skipped[path] = st.st_ino
-                log.warning("skipped", input=rel, reason="not a regular file; left in place")
+                log.warning("skipped", input=rel, reason=reason)
             return None
-        claim_id = f"{time.time_ns():x}-{self.daemon_id.rsplit('-', 1)[1]}{next(self._counter):x}"
         target = self.work / rel.rpartition("/")[0] / f"{claim_id}~{rel.rpartition('/')[2]}"
         if target.parent != self.work:
             self._ensure_dir(target.parent)
