@@ -22,6 +22,10 @@ from digitwatch.errors import InputError
 
 Gray = npt.NDArray[np.uint8]
 
+# A corrupt file becomes an error record; OpenCV's own warnings on stderr would only
+# repeat it, out of order with our logs.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
 # JPEG decoding is cheapest when libjpeg scales the DCT (IMREAD_REDUCED_*). A factor is
 # used only while the reduced shorter side stays at or above this many pixels: a digit
 # covering a tenth of such an image still gets about 40 px, far more than the 20 px box

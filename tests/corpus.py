@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import io
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -520,3 +522,81 @@ def make_kind(kind: str, images: U8, labels: npt.NDArray[np.int64], seed: int = 
 def pick(labels: npt.NDArray[np.int64], n: int, seed: int = 0) -> npt.NDArray[np.int64]:
     """Indices of n test digits, chosen the same way every time."""
     return np.sort(np.random.default_rng(seed).choice(len(labels), n, replace=False))
+
+
+# --- hostile files ------------------------------------------------------------------------
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A valid all-black gray PNG of width x height that compresses to well under 1 MB.
+
+    Built in a fraction of a second: after a full flush deflate restarts from scratch,
+    so one compressed band of rows can be repeated and only the checksum is summed.
+    """
+    rows = 100
+    band = bytes((width + 1) * rows)  # filter byte 0 then zeros, per row
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = c.compress(band) + c.flush(zlib.Z_FULL_FLUSH)
+    n, rest = divmod(height, rows)
+    adler = 1
+    for _ in range(n):
+        adler = zlib.adler32(band, adler)
+    tail = b""
+    if rest:
+        part = bytes((width + 1) * rest)
+        c2 = zlib.compressobj(9, zlib.DEFLATED, -15)
+        tail = c2.compress(part) + c2.flush(zlib.Z_FULL_FLUSH)
+        adler = zlib.adler32(part, adler)
+    stream = b"\x78\xda" + block * n + tail + b"\x03\x00" + struct.pack(">I", adler)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", stream)
+        + _chunk(b"IEND", b"")
+    )
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR claiming any size (zero included), with no pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IEND", b"")
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A real small JPEG whose frame header is rewritten to claim another size."""
+    data = bytearray(jpeg(np.full((16, 16), 200, np.uint8), 90))
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    data[i + 5 : i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@functools.lru_cache(maxsize=2)
+def hostile(seed: int = 0) -> dict[str, bytes]:
+    """Files that must each give an error record quickly and without a big allocation."""
+    rng = np.random.default_rng(seed)
+    good_png = png(np.full((64, 64), 255, np.uint8))
+    good_jpeg = jpeg(rng.integers(0, 256, (256, 256), dtype=np.uint8), 90)
+    return {
+        "empty": b"",
+        "text": b"hello, this is not an image\n" * 10,
+        "random": rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes(),
+        "truncated_png": good_png[: len(good_png) // 2],
+        "truncated_jpeg": good_jpeg[: len(good_jpeg) // 2],
+        "png_signature_only": good_png[:8],
+        "zero_width_png": png_header_only(0, 100),
+        "zero_height_png": png_header_only(100, 0),
+        "gigantic_png_header": png_header_only(2**31 - 1, 2**31 - 1),
+        "jpeg_claiming_65000": jpeg_claiming(65_000, 65_000),
+        "png_signature_random": good_png[:8] + rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        "jpeg_marker_random": b"\xff\xd8\xff"
+        + rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        "png_bomb_900mp": png_bomb(30_000, 30_000),
+    }
