@@ -83,7 +83,6 @@ def serve(settings: Settings, *, check_only: bool = False) -> int:
     if check_only:
         print(f"digitwatch: ok: inbox {inbox}, outbox {outbox}, model {weights.model_id}")
         return 0
-    single_threaded_blas()
     pipeline = Pipeline(
         weights,
         limits=Limits(settings.max_pixels, settings.max_file_bytes),
@@ -131,35 +130,6 @@ def _load_syncfs() -> Any:
 
 
 _syncfs = _load_syncfs()
-
-
-def single_threaded_blas() -> bool:
-    """Pin numpy's OpenBLAS to one thread; True if it worked.
-
-    Measured here (2 cores): a (64, 784) @ (784, 128) float32 product takes ~0.2 ms on
-    one thread and ~30 ms with OpenBLAS's default two, which wake and park per call.
-    The batches are tiny, and decoding already uses the other core.
-    """
-    import numpy as np
-
-    libs = Path(np.__file__).parent.parent / "numpy.libs"
-    for lib in sorted(libs.glob("*openblas*")):
-        try:
-            handle = ctypes.CDLL(str(lib))
-        except OSError:
-            continue
-        for name in (
-            "scipy_openblas_set_num_threads64_",
-            "scipy_openblas_set_num_threads",
-            "openblas_set_num_threads64_",
-            "openblas_set_num_threads",
-        ):
-            fn = getattr(handle, name, None)
-            if fn is not None:
-                fn.argtypes = [ctypes.c_int]
-                fn(1)
-                return True
-    return False
 
 
 class Results:

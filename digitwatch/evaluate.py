@@ -14,7 +14,6 @@ from digitwatch.codec import Limits, contact_sheet, write_png
 from digitwatch.mnist import load_mnist
 from digitwatch.pipeline import Input, Pipeline
 
-
 SHEET_LIMIT = 600  # a weak model's thousands of errors would make an unreadable sheet
 
 

@@ -37,6 +37,8 @@ class TrainConfig:
     shift: float = 0.03  # inputs are centered by mass, so small shifts suffice
     thickness_p: float = 0.0  # probability of a random 3x3 dilation or erosion per image
     label_smoothing: float = 0.0
+    elastic_alpha: float = 0.0  # pixels: elastic distortion strength (Simard et al. 2003)
+    elastic_sigma: float = 4.0  # pixels: smoothness of the displacement field
     train_limit: int | None = None  # use only the first N training images (tests)
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -85,7 +87,9 @@ def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.T
         ],
         dim=1,
     )  # (B, 2, 3): output -> input sampling grid
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, 28, 28, 2)
+    if cfg.elastic_alpha > 0:
+        grid = grid + _elastic_field(x.shape[0], x.shape[-1], cfg, gen)
     x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
     if cfg.thickness_p > 0:
         pick = torch.rand(b, generator=gen)
@@ -95,6 +99,21 @@ def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.T
         x = torch.where((pick < half).view(b, 1, 1, 1), thicker, x)
         x = torch.where(((pick >= half) & (pick < cfg.thickness_p)).view(b, 1, 1, 1), thinner, x)
     return x
+
+
+def _elastic_field(b: int, size: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """A smooth random displacement field in grid units, (B, size, size, 2)."""
+    radius = int(3 * cfg.elastic_sigma)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(t**2) / (2 * cfg.elastic_sigma**2))
+    k = k / k.sum()
+    noise = torch.rand(b * 2, 1, size, size, generator=gen) * 2 - 1
+    noise = F.conv2d(noise, k.view(1, 1, 1, -1), padding=(0, radius))
+    noise = F.conv2d(noise, k.view(1, 1, -1, 1), padding=(radius, 0))
+    # Normalize so alpha is the typical displacement in pixels, whatever sigma is.
+    noise = noise / noise.flatten(1).std(dim=1).mean().clamp_min(1e-6)
+    field = noise.view(b, 2, size, size).permute(0, 2, 3, 1)
+    return field * (cfg.elastic_alpha * 2.0 / size)
 
 
 @torch.no_grad()
