@@ -1,0 +1,144 @@
+"""Preprocess stage: polarity, background, lines, stroke width, fitting, and no_digit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import corpus
+import cv2
+import numpy as np
+import pytest
+
+from digitwatch import preprocess
+from digitwatch.mnist import load_mnist
+from digitwatch.preprocess import to_mnist
+
+
+def _ring(side: int, thickness: int, *, ink: int = 0, paper: int = 255) -> np.ndarray:
+    img = np.full((side, side), paper, np.uint8)
+    cv2.circle(img, (side // 2, side // 2), side // 3, ink, thickness, cv2.LINE_AA)
+    return img
+
+
+def _width_28(out: np.ndarray) -> float:
+    return preprocess.stroke_width((out > 127).astype(np.uint8) * 255)
+
+
+def _mass_center(out: np.ndarray) -> tuple[float, float]:
+    m = cv2.moments(out)
+    return m["m10"] / m["m00"], m["m01"] / m["m00"]
+
+
+def test_output_is_28x28_uint8_fitted_in_20_and_centered_by_mass() -> None:
+    out = to_mnist(_ring(300, 20))
+    assert out is not None and out.shape == (28, 28) and out.dtype == np.uint8
+    ys, xs = np.nonzero(out)
+    assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 <= 21
+    cx, cy = _mass_center(out)
+    assert abs(cx - 14) <= 0.75 and abs(cy - 14) <= 0.75
+
+
+def test_polarity_dark_on_light_and_light_on_dark_agree() -> None:
+    a = to_mnist(_ring(200, 14))
+    b = to_mnist(_ring(200, 14, ink=255, paper=0))
+    assert a is not None and b is not None
+    assert a.mean() > 20  # ink made bright
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 5
+
+
+@pytest.mark.parametrize(("side", "thickness"), [(60, 1), (1200, 2), (1080, 150), (400, 30)])
+def test_stroke_width_is_brought_toward_mnist(side: int, thickness: int) -> None:
+    """1-px lines are thickened and brush strokes thinned: 28x28 widths end up alike."""
+    out = to_mnist(_ring(side, thickness))
+    assert out is not None
+    assert 1.6 <= _width_28(out) <= 3.6
+
+
+def test_thick_strokes_are_not_hollowed_out() -> None:
+    img = np.full((1080, 1080), 255, np.uint8)
+    cv2.line(img, (540, 150), (540, 930), 0, 200)  # a brush "1", 200 px wide
+    out = to_mnist(img)
+    assert out is not None
+    row = out[14] > 127
+    runs = np.count_nonzero(np.diff(row.astype(np.int8)) == 1)
+    assert runs == 1, out[14]  # one solid run across the stroke, not two edges
+
+
+def test_shadow_and_gradient_do_not_change_the_answer() -> None:
+    base = _ring(400, 12).astype(np.float32)
+    yy, xx = np.mgrid[0:400, 0:400].astype(np.float32)
+    light = 0.55 + 0.45 * xx / 400
+    light[:, :150] *= 0.6  # a hard shadow edge
+    a = to_mnist(base.astype(np.uint8))
+    b = to_mnist((base * light).astype(np.uint8))
+    assert a is not None and b is not None
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 12
+
+
+def test_ruled_lines_and_specks_are_dropped() -> None:
+    clean = _ring(400, 10)
+    lined = clean.copy()
+    for y in range(15, 400, 36):
+        cv2.line(lined, (0, y), (399, y + 6), 170, 2)  # faint, slightly tilted
+    for x, y in [(20, 20), (380, 350), (30, 370)]:
+        cv2.circle(lined, (x, y), 3, 0, -1)  # specks
+    a, b = to_mnist(clean), to_mnist(lined)
+    assert a is not None and b is not None
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 8
+
+
+def _blank_cases() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    page = corpus.camera(corpus.paper((480, 640), rng), rng, 1.0, 3)
+    page = corpus.lighting(page.astype(np.float32), rng, 1.0).astype(np.uint8)
+    specks = np.full((300, 300), 250, np.uint8)
+    specks[100, 100] = specks[200, 50] = 120
+    return {
+        "white": np.full((100, 100), 255, np.uint8),
+        "black": np.zeros((28, 28), np.uint8),
+        "gray": np.full((500, 500), 128, np.uint8),
+        "uniform_noise": rng.integers(0, 256, (200, 200), dtype=np.uint8),
+        "gaussian_noise": np.clip(rng.normal(128, 40, (300, 300)), 0, 255).astype(np.uint8),
+        "paper_texture_with_shadow": cv2.cvtColor(page, cv2.COLOR_BGR2GRAY),
+        "two_specks": specks,
+        "one_pixel": np.full((1, 1), 7, np.uint8),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_blank_cases()))
+def test_blank_and_near_blank_images_have_no_digit(name: str) -> None:
+    assert to_mnist(_blank_cases()[name]) is None
+
+
+def test_ruled_paper_without_a_digit_has_no_digit() -> None:
+    rng = np.random.default_rng(1)
+    for squared in (False, True):
+        img = corpus.paper((400, 520), rng)
+        corpus.rule_lines(img, rng, squared=squared, spacing=30)
+        gray = cv2.cvtColor(corpus.camera(img, rng, 0.8, 2), cv2.COLOR_BGR2GRAY)
+        assert to_mnist(gray) is None, squared
+
+
+def test_target_width_matches_mnist(mnist_dir: Path) -> None:
+    """TARGET_WIDTH and WIDTH_BAND are MNIST's own median and spread, as measured here."""
+    images, _ = load_mnist(mnist_dir, train=False, download=False)
+    ratios = []
+    for img in images[:500]:
+        up = cv2.resize(img, (84, 84), interpolation=cv2.INTER_CUBIC)
+        mask = (up > 127).astype(np.uint8) * 255
+        ys, xs = np.nonzero(mask)
+        side = max(np.ptp(ys), np.ptp(xs)) + 1
+        ratios.append(preprocess.stroke_width(mask) / side)
+    lo, median, hi = np.percentile(ratios, (10, 50, 90))
+    assert abs(median - preprocess.TARGET_WIDTH) < 0.01
+    assert preprocess.WIDTH_BAND[0] <= lo and hi <= preprocess.WIDTH_BAND[1] + 0.01
+
+
+def test_mnist_digits_pass_through_almost_unchanged(mnist_dir: Path) -> None:
+    images, _ = load_mnist(mnist_dir, train=False, download=False)
+    diffs = []
+    for img in images[:200]:
+        out = to_mnist(img)
+        assert out is not None
+        diffs.append(np.abs(out.astype(int) - img.astype(int)).mean())
+    assert np.median(diffs) < 12
