@@ -18,7 +18,7 @@ from digitwatch.codec import Limits
 from digitwatch.mnist import load_mnist
 from digitwatch.pipeline import Input, Pipeline
 
-PER_KIND = 120
+PER_KIND = 100
 pytestmark = pytest.mark.slow
 
 
@@ -55,11 +55,9 @@ def test_every_kind_reaches_97_percent(
 def test_mnist_test_digits_as_files_reach_98_8_percent(
     kind: str, pipe: Pipeline, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    images, labels = mnist_test
-    n = 10_000 if kind == "mnist_28" else 3_000  # upscaled files cost ~1 ms each
-    idx = corpus.pick(labels, n, seed=0)
-    acc = _accuracy(pipe, corpus.make_kind(kind, images[idx], labels[idx], seed=0))
-    assert acc >= 0.988, f"{kind}: {acc:.2%} on {n}"
+    images, labels = mnist_test  # all 10,000: the margin over 98.8% is a tenth of a point
+    acc = _accuracy(pipe, corpus.make_kind(kind, images, labels, seed=0))
+    assert acc >= 0.988, f"{kind}: {acc:.2%} on {len(labels)}"
 
 
 def test_generated_corpus_is_reproducible(mnist_test: tuple[np.ndarray, np.ndarray]) -> None:
