@@ -1,4 +1,7 @@
-"""Preprocess stage: any gray image to a 28x28 MNIST-like digit (bright ink, centered)."""
+"""Preprocess stage: any gray image to a 28x28 MNIST-like digit (bright ink, centered).
+
+The steps are listed in `STEPS`; the constants below them are the knobs they name.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +11,33 @@ import numpy as np
 from digitwatch.codec import Gray
 
 STEPS = """\
-1. Scale to a working size: images over WORK_SIDE px are shrunk (area averaging keeps
-   thin strokes as fainter lines); images under MIN_SIDE px are enlarged so a 16x16 scan
-   or a 28x28 file has enough pixels to measure strokes on.
-2. Polarity: the border is mostly background; when it is nearer the dark end of the
-   histogram the image is inverted, so ink is always bright from here on.
-3. Background: a gray opening (min then max filter) computed on a 1/4-scale copy with a
-   window a third of the image wide is the paper, shadows and uneven light; it is
-   subtracted. The window is far wider than any stroke, so thick strokes stay solid.
-4. Blank test: ink must stand out from the paper by MIN_CONTRAST gray levels and by
-   MIN_SNR times the paper's own noise, or the answer is "no digit".
-5. Mask: Otsu's threshold on the ink map, then long thin horizontal and vertical runs
-   (ruled and squared paper) are removed, then connected components: the largest one
-   near the middle is the digit, smaller ones close to it are kept (the bar of a 5, the
-   halves of a 4), specks and far-away marks are dropped.
+1. Working size: images over WORK_SIDE px are shrunk by area averaging (a thin stroke
+   survives as a fainter line); images under MIN_SIDE px are enlarged by a whole factor
+   so a 16x16 scan or a 28x28 file has enough pixels to measure strokes on.
+2. Polarity: light ink on an evenly dark border (a drawing app's canvas, an MNIST
+   file) is taken as is; anything else is dark ink on paper, however deep the shadow.
+3. Paper: a gray closing (max then min filter; an opening for a dark canvas) with a
+   window a third of the image wide is the paper with its shadows and uneven light.
+   The window is far wider than any stroke, so thick strokes are not hollowed out.
+   Ink = (paper - pixel) / paper: a stroke in shadow is as strong as one in the light.
+4. No digit: the ink's peak must stand MIN_CONTRAST above the paper, and when Otsu's
+   threshold marks much of the image, a one-pixel blur must leave the ink standing
+   (MIN_SNR): that rejects noise and bare textured paper.
+5. Mask at half the pen's peak level (the 98th percentile of what Otsu marks; ruled
+   and squared lines are fainter than ink and fall below), minus thin runs that cross
+   the image (lines, tilted up to LINE_TILT px). Connected components: the biggest
+   piece near the middle is the digit, and pieces near it are added while they are
+   not specks (the bar of a 5, the halves of a 4); page-long hairlines, dashes and
+   far marks are dropped.
 6. Crop the digit's box from the ink map, scale its longer side to DIGIT_SIDE px and
-   threshold it at half the stroke's peak level, which puts the edge where a pen's
-   stroke ends, whatever the blur or contrast.
-7. Stroke width: estimated as 2*area/perimeter and brought to MNIST's width relative to
-   the digit's size by dilating thin lines or eroding thick brush strokes.
-8. Fit the mask into a 20x20 box with the aspect ratio kept (area averaging gives the
-   anti-aliased gray edges MNIST has) and move its center of mass to the middle of 28x28.
-   The classifier then normalizes with the mean and std from the weights' metadata.
+   map the pen's peak to white, so blur and contrast no longer matter; faint residue
+   under a quarter of the peak is cleared.
+7. Stroke width: 2 * area / perimeter of the half-peak mask. When it falls outside
+   MNIST's own spread (WIDTH_BAND, relative to the digit's longer side) the image is
+   dilated (1-px lines) or eroded (thick brushes) toward MNIST's median, TARGET_WIDTH.
+8. Fit into 20x20 with the aspect ratio kept (area averaging gives MNIST's anti-aliased
+   edges), centre the mass in 28x28 by a whole-pixel shift. The classifier then
+   normalizes with the mean and std from the weights' metadata.
 """
 
 WORK_SIDE = 400

@@ -142,3 +142,13 @@ def test_mnist_digits_pass_through_almost_unchanged(mnist_dir: Path) -> None:
         assert out is not None
         diffs.append(np.abs(out.astype(int) - img.astype(int)).mean())
     assert np.median(diffs) < 12
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (1, 5000), (5000, 1), (3, 300), (2000, 20)])
+def test_odd_shapes_never_raise(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    line = np.full(shape, 255, np.uint8)
+    line[shape[0] // 2, :] = 0
+    for img in (rng.integers(0, 256, shape, dtype=np.uint8), np.zeros(shape, np.uint8), line):
+        out = to_mnist(img)
+        assert out is None or (out.shape == (28, 28) and out.dtype == np.uint8)
