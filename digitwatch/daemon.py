@@ -47,7 +47,7 @@ from digitwatch.pipeline import Input, Pipeline
 from digitwatch.results import Record, csv_lines, write_json_atomic
 from digitwatch.sdnotify import Notifier
 from digitwatch.settings import Settings
-from digitwatch.watcher import DIRECTORY, SCAN, STATE_DIR, Gate, Watcher, scan
+from digitwatch.watcher import DIRECTORY, OVERFLOW, SCAN, STATE_DIR, Gate, Watcher, scan
 
 log = structlog.get_logger()
 
@@ -478,6 +478,8 @@ class Daemon:
         elif hint == DIRECTORY:
             for p in scan(Path(path), recursive=True):
                 self._offer(p, SCAN)
+        elif hint == OVERFLOW:
+            self.next_rescan = 0.0  # inotify dropped events: only a scan finds those files
         else:
             self._offer(path, hint)
 

@@ -1,0 +1,178 @@
+"""Profile the real `digitwatch run` under a burst with py-spy; print where the time goes.
+
+Starts the daemon under `py-spy record` (pip install py-spy), renames N 28x28 PNGs into
+its inbox, waits for every result, stops it, and folds the sampled stacks into stages:
+CPU microseconds per image, by thread and by stage (the innermost matching frame wins).
+Usage: python benchmarks/profile_daemon.py [-n 5000] [--rate 500] [--daemon-args "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_daemon import _wait_results, workload  # noqa: E402
+
+# (stage, substring of a "function (file:line)" frame); checked innermost frame first.
+STAGES = [
+    ("preprocess", "(digitwatch/preprocess.py)"),
+    ("codec", "(digitwatch/codec.py)"),
+    ("classify", "(digitwatch/classify.py)"),
+    ("structlog", "(structlog/"),
+    ("results.py", "(digitwatch/results.py)"),
+    ("watchdog", "(watchdog/"),
+    ("pipeline", "(digitwatch/pipeline.py)"),
+    ("watcher", "(digitwatch/watcher.py)"),
+    ("daemon", "(digitwatch/daemon.py)"),
+]
+_LINE = re.compile(r":\d+\)$")
+
+
+_STUB = """
+import cv2, sys
+import digitwatch.pipeline as p
+p.to_mnist = lambda g: cv2.resize(g, (28, 28), interpolation=cv2.INTER_AREA)
+sys.argv[0] = "digitwatch"
+from digitwatch.cli import main
+main()
+"""
+
+
+def _stage(frames: list[str]) -> str:
+    """The innermost frame of ours or of a library we call, as "stage: function"."""
+    for frame in reversed(frames):
+        for name, needle in STAGES:
+            if needle in frame:
+                return f"{name}: {frame.split(' (', 1)[0]}"
+    return "other: " + (frames[-1].split(" (", 1)[0] if frames else "?")
+
+
+def _cpu_ticks(pid: int) -> dict[int, int]:
+    """utime + stime per thread id, in clock ticks."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        out[int(task.name)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def fold(raw: Path, cpu_us: dict[int, float], images: int) -> None:
+    """Spread each thread's measured CPU time over its sampled stacks, per image.
+
+    py-spy counts a thread as busy while it waits for the GIL or for a core (this box is
+    shared), so samples give proportions within a thread and /proc gives the CPU time.
+    """
+    stacks: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    names: dict[int, str] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [_LINE.sub(")", f) for f in stack.split(";")]
+        head = frames[0]  # "thread (tid): name"
+        tid = int(head.split("(", 1)[1].split(")", 1)[0])
+        names.setdefault(tid, head.partition(": ")[2] or head)
+        stacks[tid][_stage(frames[1:])] += int(count)
+    by_stage: collections.Counter[str] = collections.Counter()
+    total = sum(cpu_us.values()) / images
+    print(f"CPU per image (all threads, /proc): {total:.0f} us\n")
+    print("| thread | CPU us/image |\n| --- | --- |")
+    for tid, us in sorted(cpu_us.items(), key=lambda kv: -kv[1]):
+        print(f"| {names.get(tid, tid)} | {us / images:.0f} |")
+        samples = sum(stacks[tid].values())
+        for stage, n in stacks[tid].items():
+            by_stage[stage] += us / images * n / samples
+    coarse: collections.Counter[str] = collections.Counter()
+    for name, us in by_stage.items():
+        coarse[name.partition(":")[0]] += us
+    print("\n| stage | CPU us/image |\n| --- | --- |")
+    for name, us in coarse.most_common():
+        print(f"| {name} | {us:.0f} |")
+    print("\n| stage: innermost function | CPU us/image |\n| --- | --- |")
+    for name, us in by_stage.most_common(30):
+        print(f"| {name} | {us:.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=5000)
+    ap.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
+    ap.add_argument("--daemon-args", default="")
+    ap.add_argument(
+        "--stub-preprocess",
+        action="store_true",
+        help="replace to_mnist with a plain resize, to see the daemon's own costs",
+    )
+    ap.add_argument("--keep", type=Path, help="save py-spy's raw stacks here")
+    args = ap.parse_args()
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    blobs = workload("png28", args.n)
+    root = Path(tempfile.mkdtemp(prefix="dwprof-"))
+    try:
+        stage, inbox, outbox = (root / s for s in ("stage", "inbox", "outbox"))
+        for d in (stage, inbox, outbox):
+            d.mkdir()
+        names = [f"img{i:06d}.png" for i in range(args.n)]
+        for name, blob in zip(names, blobs, strict=True):
+            (stage / name).write_bytes(blob)
+        sock_path = root / "notify.sock"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(sock_path))
+        sock.settimeout(30)
+        cmd = [sys.executable, "-m", "digitwatch", "run", "--inbox", str(inbox)]
+        if args.stub_preprocess:
+            cmd[1:3] = ["-c", _STUB]
+        cmd += ["--outbox", str(outbox), "--log-format", "json", *args.daemon_args.split()]
+        daemon = subprocess.Popen(
+            cmd,
+            env=os.environ | {"NOTIFY_SOCKET": str(sock_path)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            while b"READY=1" not in sock.recv(4096):
+                pass
+        finally:
+            sock.close()
+        raw = root / "stacks.txt"
+        spy = subprocess.Popen(
+            [py_spy, "record", "--pid", str(daemon.pid), "--rate", str(args.rate)]
+            + ["--format", "raw", "--threads", "--nonblocking", "-o", str(raw)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # let py-spy attach
+        before = _cpu_ticks(daemon.pid)
+        t0 = time.perf_counter()
+        for name in names:
+            os.rename(stage / name, inbox / name)  # noqa: PTH104 (the producer: keep it fast)
+        t1 = _wait_results(outbox, args.n, timeout=600)
+        after = _cpu_ticks(daemon.pid)
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=30)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=15)
+        print(f"{args.n} images in {t1 - t0:.2f} s = {args.n / (t1 - t0):.0f}/s\n")
+        if args.keep:
+            shutil.copy(raw, args.keep)
+        tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+        cpu = {t: (v - before.get(t, 0)) * tick_us for t, v in after.items()}
+        fold(raw, {t: us for t, us in cpu.items() if us > 0}, args.n)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
