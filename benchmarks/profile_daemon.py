@@ -59,14 +59,17 @@ def _stage(frames: list[str]) -> str:
 
 
 def _cpu_ticks(pid: int) -> dict[int, int]:
-    """utime + stime per thread id, in clock ticks."""
+    """utime + stime per thread id, in clock ticks, for `pid` and its child processes."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rpartition(")")[2].split()
+            children = (task / "children").read_text().split()
         except OSError:
             continue
         out[int(task.name)] = int(fields[11]) + int(fields[12])
+        for child in children:
+            out.update(_cpu_ticks(int(child)))
     return out
 
 
@@ -81,6 +84,10 @@ def fold(raw: Path, cpu_us: dict[int, float], images: int) -> None:
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = [_LINE.sub(")", f) for f in stack.split(";")]
+        while frames and frames[0].startswith("process "):  # --subprocesses: parent, child
+            frames = frames[1:]
+        if not frames:
+            continue
         head = frames[0]  # "thread (tid): name"
         tid = int(head.split("(", 1)[1].split(")", 1)[0])
         names.setdefault(tid, head.partition(": ")[2] or head)
@@ -149,7 +156,7 @@ def main() -> None:
         raw = root / "stacks.txt"
         spy = subprocess.Popen(
             [py_spy, "record", "--pid", str(daemon.pid), "--rate", str(args.rate)]
-            + ["--format", "raw", "--threads", "--nonblocking", "-o", str(raw)],
+            + ["--format", "raw", "--threads", "--subprocesses", "--nonblocking", "-o", str(raw)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

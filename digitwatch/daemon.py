@@ -33,6 +33,7 @@ import secrets
 import signal
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -43,7 +44,7 @@ import structlog
 from digitwatch.classify import load_weights
 from digitwatch.codec import Limits
 from digitwatch.errors import FolderError, WatcherDied
-from digitwatch.pipeline import Input, Pipeline
+from digitwatch.pipeline import Input, Pipeline, Result
 from digitwatch.results import Record, csv_lines, write_json_atomic
 from digitwatch.sdnotify import Notifier
 from digitwatch.settings import Settings
@@ -113,6 +114,13 @@ class Claim:
     @property
     def stored_name(self) -> str:
         return f"{self.claim_id}~{self.name}"
+
+
+@dataclass
+class _Batch:
+    claims: list[Claim]
+    results: Callable[[], list[Result]]  # waits for the pipeline
+    started: float  # perf_counter
 
 
 def _iso(wall_us: int) -> str:
@@ -242,6 +250,7 @@ class Daemon:
         self.ready: dict[str, float] = {}  # path -> detected_at, in arrival order
         self.first_ready = 0.0
         self.backlog: list[Claim] = []  # adopted claims that still need an answer
+        self.inflight: _Batch | None = None  # claimed, read, being prepared
         self.skipped: dict[str, int] = {}  # non-regular paths already logged, by inode
         self.counts = {"ok": 0, "no_digit": 0, "error": 0}
         self.stopping = False
@@ -431,18 +440,23 @@ class Daemon:
                 self._rescan()
             for path, detected in self.gate.due(now):
                 self._mark_ready(path, detected)
+            if self.inflight is not None:
+                self._drain()  # so the next batch can start while this one is prepared
             if self.backlog:
                 batch, self.backlog = (
                     self.backlog[: self.s.batch_size],
                     self.backlog[self.s.batch_size :],
                 )
-                self._answer(batch)
+                self._advance(batch)
                 continue
             if self.ready and (
                 len(self.ready) >= self.s.batch_size
                 or now >= self.first_ready + self.s.max_delay_ms / 1000
             ):
-                self._run_batch()
+                self._advance(self._claim_batch())
+                continue
+            if self.inflight is not None:
+                self._advance([])
                 continue
             wake = min(now + 1.0, self.next_rescan, self.gate.next_check(), next_status)
             if ping_every is not None:
@@ -454,13 +468,18 @@ class Daemon:
             except queue.Empty:
                 continue
             self._take(item)
-            # Drain what is already queued without blocking: a burst fills whole batches.
-            while len(self.ready) < self.s.batch_size and not self.stopping:
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    break
-                self._take(item)
+            self._drain()
+        self._advance([])  # the batch still being prepared is answered before we stop
+
+    def _drain(self) -> None:
+        """Take what is already queued without blocking: a burst fills whole batches."""
+        q = self.queue
+        while len(self.ready) < self.s.batch_size and not self.stopping:
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                break
+            self._take(item)
 
     def _check_inbox(self) -> None:
         """A removed, renamed or unmounted inbox leaves inotify watching nothing: exit."""
@@ -497,6 +516,9 @@ class Daemon:
 
     def _rescan(self) -> None:
         """Catch what inotify dropped (queue overflow is silent) and adopt dead peers' work."""
+        # Recovery answers whatever sits unanswered in our work folder: our own batch in
+        # flight must be committed and archived first, or it would be answered twice.
+        self._advance([])
         self._adopt_dead_peers()
         for path in scan(self.inbox, recursive=self.s.recursive):
             self._offer(path, SCAN)
@@ -509,7 +531,7 @@ class Daemon:
 
     # -- one batch ---------------------------------------------------------------------
 
-    def _run_batch(self) -> None:
+    def _claim_batch(self) -> list[Claim]:
         claims: list[Claim] = []
         while self.ready and len(claims) < self.s.batch_size:
             path = next(iter(self.ready))
@@ -517,8 +539,19 @@ class Daemon:
             claim = self._claim(path, detected)
             if claim is not None:
                 claims.append(claim)
-        if claims:
-            self._answer(claims)
+        return claims
+
+    def _advance(self, claims: list[Claim]) -> None:
+        """Start answering `claims`, then finish the batch started before it.
+
+        One batch in flight: the worker processes decode and preprocess batch N+1 while
+        this thread writes, syncs and archives batch N. Commit order per batch is
+        unchanged, and batches commit in the order they were claimed.
+        """
+        started = self._start(claims) if claims else None
+        if self.inflight is not None:
+            self._answer(self.inflight)
+        self.inflight = started
 
     def _claim(self, path: str, detected: float) -> Claim | None:
         """Rename the file into our work folder; None if it is gone or not a regular file."""
@@ -589,11 +622,15 @@ class Daemon:
         self._last_us = max(time.time_ns() // 1000, self._last_us + 1)
         return _iso(self._last_us)
 
-    def _answer(self, claims: list[Claim]) -> None:
+    def _start(self, claims: list[Claim]) -> _Batch:
         t0 = time.perf_counter()
-        inputs = [self._read(c) for c in claims]
+        return _Batch(claims, self.pipeline.submit([self._read(c) for c in claims]), t0)
+
+    def _answer(self, batch: _Batch) -> None:
+        claims = batch.claims
+        t0 = batch.started
         t1 = time.perf_counter()
-        results = self.pipeline.run(inputs)
+        results = batch.results()
         t2 = time.perf_counter()
         records = [
             dataclasses.replace(
