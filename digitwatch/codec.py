@@ -226,6 +226,16 @@ def _flatten_alpha(raw: npt.NDArray[Any]) -> Gray:
 
 def decode(data: bytes, limits: Limits) -> Gray:
     """Return the image as 2-D uint8 gray; raise InputError with a one-line reason."""
+    return decode_with_header(data, limits)[0]
+
+
+def decode_with_header(data: bytes, limits: Limits) -> tuple[Gray, Header]:
+    """Decode as `decode` does, and also return the header: the file's own size.
+
+    A large JPEG is decoded reduced, so the array's shape is not the file's size; a
+    result record that reports the input's width and height should take the header's
+    (stored orientation, before any EXIF rotation).
+    """
     if not data:
         raise InputError("empty file")
     if len(data) > limits.max_bytes:
@@ -255,7 +265,7 @@ def decode(data: bytes, limits: Limits) -> Gray:
         ) from None
     if img is None or img.size == 0:
         raise InputError(f"cannot decode {head.format} (corrupt or truncated)")
-    return _flatten_alpha(img)
+    return _flatten_alpha(img), head
 
 
 def encode_png(image: Gray) -> bytes:

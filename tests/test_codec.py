@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from digitwatch.codec import Limits, decode, read_header
+from digitwatch.codec import Limits, decode, decode_with_header, read_header
 from digitwatch.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,9 +128,10 @@ def test_jpeg_exif_orientation_is_applied(tag: int) -> None:
 def test_large_jpeg_is_decoded_reduced_and_upright() -> None:
     big = np.full((3000, 4000), 255, np.uint8)
     cv2.circle(big, (2000, 1500), 600, 0, 80)
-    out = decode(corpus.jpeg(big, 85), Limits())
+    out, head = decode_with_header(corpus.jpeg(big, 85), Limits())
     assert max(out.shape) < 4000 and min(out.shape) >= 360
     assert out.shape[1] * 3 == out.shape[0] * 4
+    assert (head.width, head.height) == (4000, 3000)  # the file's size, for the record
 
 
 def test_limits_are_configurable_and_checked_before_decoding() -> None:
