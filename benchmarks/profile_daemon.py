@@ -73,7 +73,7 @@ def _cpu_ticks(pid: int) -> dict[int, int]:
     return out
 
 
-def fold(raw: Path, cpu_us: dict[int, float], images: int) -> None:
+def fold(raw: Path, cpu_us: dict[int, float], images: int, own: set[int]) -> None:
     """Spread each thread's measured CPU time over its sampled stacks, per image.
 
     py-spy counts a thread as busy while it waits for the GIL or for a core (this box is
@@ -90,9 +90,10 @@ def fold(raw: Path, cpu_us: dict[int, float], images: int) -> None:
             continue
         head = frames[0]  # "thread (tid): name"
         tid = int(head.split("(", 1)[1].split(")", 1)[0])
-        names.setdefault(tid, head.partition(": ")[2] or head)
+        where = "daemon" if tid in own else "worker"
+        names.setdefault(tid, f"{where} {tid}: {head.partition(': ')[2]}")
         stacks[tid][_stage(frames[1:])] += int(count)
-    by_stage: collections.Counter[str] = collections.Counter()
+    by_stage: dict[str, float] = collections.defaultdict(float)
     total = sum(cpu_us.values()) / images
     print(f"CPU per image (all threads, /proc): {total:.0f} us\n")
     print("| thread | CPU us/image |\n| --- | --- |")
@@ -101,14 +102,14 @@ def fold(raw: Path, cpu_us: dict[int, float], images: int) -> None:
         samples = sum(stacks[tid].values())
         for stage, n in stacks[tid].items():
             by_stage[stage] += us / images * n / samples
-    coarse: collections.Counter[str] = collections.Counter()
+    coarse: dict[str, float] = collections.defaultdict(float)
     for name, us in by_stage.items():
         coarse[name.partition(":")[0]] += us
     print("\n| stage | CPU us/image |\n| --- | --- |")
-    for name, us in coarse.most_common():
+    for name, us in sorted(coarse.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {us:.0f} |")
     print("\n| stage: innermost function | CPU us/image |\n| --- | --- |")
-    for name, us in by_stage.most_common(30):
+    for name, us in sorted(by_stage.items(), key=lambda kv: -kv[1])[:30]:
         print(f"| {name} | {us:.0f} |")
 
 
@@ -123,6 +124,7 @@ def main() -> None:
         help="replace to_mnist with a plain resize, to see the daemon's own costs",
     )
     ap.add_argument("--keep", type=Path, help="save py-spy's raw stacks here")
+    ap.add_argument("--log", type=Path, help="save the daemon's JSON log lines here")
     args = ap.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     blobs = workload("png28", args.n)
@@ -140,13 +142,13 @@ def main() -> None:
         sock.settimeout(30)
         cmd = [sys.executable, "-m", "digitwatch", "run", "--inbox", str(inbox)]
         if args.stub_preprocess:
-            cmd[1:3] = ["-c", _STUB]
+            cmd[1:3] = ["-c", f"exec({_STUB!r})"]  # one line: py-spy prints the cmdline
         cmd += ["--outbox", str(outbox), "--log-format", "json", *args.daemon_args.split()]
         daemon = subprocess.Popen(
             cmd,
             env=os.environ | {"NOTIFY_SOCKET": str(sock_path)},
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=args.log.open("wb") if args.log else subprocess.DEVNULL,
         )
         try:
             while b"READY=1" not in sock.recv(4096):
@@ -167,6 +169,7 @@ def main() -> None:
             os.rename(stage / name, inbox / name)  # noqa: PTH104 (the producer: keep it fast)
         t1 = _wait_results(outbox, args.n, timeout=600)
         after = _cpu_ticks(daemon.pid)
+        own = {int(t.name) for t in Path(f"/proc/{daemon.pid}/task").iterdir()}
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=30)
         daemon.send_signal(signal.SIGTERM)
@@ -176,7 +179,7 @@ def main() -> None:
             shutil.copy(raw, args.keep)
         tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
         cpu = {t: (v - before.get(t, 0)) * tick_us for t, v in after.items()}
-        fold(raw, {t: us for t, us in cpu.items() if us > 0}, args.n)
+        fold(raw, {t: us for t, us in cpu.items() if us > 0}, args.n, own)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
