@@ -455,8 +455,12 @@ class Daemon:
                 )
                 self._advance(batch)
                 continue
+            # Idle workers take what is ready at once (a lone file need not wait for
+            # company); while a batch is in flight the next one fills, for at most
+            # max_delay_ms, so batches grow with the load.
             if self.ready and (
-                len(self.ready) >= self.s.batch_size
+                self.inflight is None
+                or len(self.ready) >= self.s.batch_size
                 or now >= self.first_ready + self.s.max_delay_ms / 1000
             ):
                 self._advance(self._claim_batch())
