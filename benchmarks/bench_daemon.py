@@ -39,6 +39,17 @@ from watchdog.observers import Observer
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights" / "mnist-mlp.pt"
 
+# `--stub-preprocess`: digitwatch with to_mnist replaced by the baseline's plain resize,
+# to measure the daemon's own costs apart from preprocessing. Not a product figure.
+STUB_PREPROCESS = """
+import cv2, sys
+import digitwatch.pipeline as p
+p.to_mnist = lambda g: cv2.resize(g, (28, 28), interpolation=cv2.INTER_AREA)
+sys.argv[0] = "digitwatch"
+from digitwatch.cli import main
+main()
+"""
+
 
 # ---------------------------------------------------------------- workloads
 
@@ -108,6 +119,12 @@ class Proc:
     def rss_peak_mb(self) -> float:
         return _status_kb(self.popen.pid, "VmHWM") / 1024
 
+    def tree_peak_mb(self) -> float:
+        """Peak RSS of the process plus its child processes (digitwatch's workers)."""
+        pid = self.popen.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return self.rss_peak_mb() + sum(_status_kb(int(c), "VmHWM") for c in children) / 1024
+
     def rss_mb(self) -> float:
         return _status_kb(self.popen.pid, "VmRSS") / 1024
 
@@ -127,13 +144,15 @@ def _status_kb(pid: int, key: str) -> int:
     return 0
 
 
-def start_digitwatch(inbox: Path, outbox: Path, extra: list[str]) -> Proc:
+def start_digitwatch(inbox: Path, outbox: Path, extra: list[str], *, stub: bool = False) -> Proc:
     sock_path = inbox.parent / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
     sock.settimeout(30)
     env = os.environ | {"NOTIFY_SOCKET": str(sock_path)}
     cmd = [sys.executable, "-m", "digitwatch", "run", "--inbox", str(inbox)]
+    if stub:
+        cmd[1:3] = ["-c", f"exec({STUB_PREPROCESS!r})"]  # one line: py-spy shows cmdlines
     cmd += ["--outbox", str(outbox), "--log-format", "json", "--log-level", "warning", *extra]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -204,6 +223,7 @@ def burst(start: Starter, blobs: list[bytes], ext: str) -> dict[str, float]:
                 "seconds": t1 - t0,
                 "ready_s": proc.ready,
                 "peak_rss_mb": proc.rss_peak_mb(),
+                "tree_rss_mb": proc.tree_peak_mb(),
             }
         finally:
             proc.stop()
@@ -288,6 +308,7 @@ def long_run(blobs: list[bytes], total: int, extra: list[str]) -> dict[str, floa
                 "rss_last_mb": rss[-1],
                 "growth_pct": 100 * (rss[-1] - rss[0]) / rss[0],
                 "peak_rss_mb": proc.rss_peak_mb(),
+                "tree_rss_mb": proc.tree_peak_mb(),
             }
         finally:
             proc.stop()
@@ -312,15 +333,22 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=0, help="images for the RSS-growth run")
     ap.add_argument("--only", default="", help="comma list: png28,jpeg640,jpeg12mp,paced,long")
     ap.add_argument("--daemon-args", default="", help="extra arguments for digitwatch run")
+    ap.add_argument(
+        "--stub-preprocess",
+        action="store_true",
+        help="digitwatch with to_mnist replaced by a resize: the daemon's own overhead",
+    )
     args = ap.parse_args()
     extra = args.daemon_args.split()
     sizes = {"png28": 5000, "jpeg640": 500, "jpeg12mp": 60}
     if args.quick:
         sizes = {"png28": 1000, "jpeg640": 100, "jpeg12mp": 12}
     only = set(args.only.split(",")) if args.only else set(sizes) | {"paced"}
-    dw: Starter = lambda i, o: start_digitwatch(i, o, extra)  # noqa: E731
+    dw: Starter = lambda i, o: start_digitwatch(i, o, extra, stub=args.stub_preprocess)  # noqa: E731
     print(f"machine: {machine()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n")
+    if args.stub_preprocess:
+        print("NOTE: preprocessing stubbed (to_mnist = resize): not a product figure\n")
     print("| workload | digitwatch | baseline | ratio | digitwatch ready / peak RSS |")
     print("| --- | --- | --- | --- | --- |")
     for kind, n in sizes.items():
@@ -332,7 +360,8 @@ def main() -> None:
         b = burst(start_baseline, blobs, ext)
         print(
             f"| burst {n} x {kind} | {d['rate']:.0f}/s | {b['rate']:.0f}/s "
-            f"| {d['rate'] / b['rate']:.2f}x | {d['ready_s']:.2f} s / {d['peak_rss_mb']:.0f} MB "
+            f"| {d['rate'] / b['rate']:.2f}x | {d['ready_s']:.2f} s / {d['peak_rss_mb']:.0f} MB, "
+            f"{d['tree_rss_mb']:.0f} MB with workers "
             f"(baseline {b['ready_s']:.2f} s / {b['peak_rss_mb']:.0f} MB) |",
             flush=True,
         )
@@ -352,7 +381,7 @@ def main() -> None:
         print(
             f"| long run {r['images']:.0f} x png28 | RSS {r['rss_first_mb']:.0f} MB after 10% "
             f"| {r['rss_last_mb']:.0f} MB at end | growth {r['growth_pct']:.1f}% "
-            f"| peak {r['peak_rss_mb']:.0f} MB |"
+            f"| peak {r['peak_rss_mb']:.0f} MB ({r['tree_rss_mb']:.0f} MB with workers) |"
         )
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import _wait_results, workload  # noqa: E402
+from bench_daemon import STUB_PREPROCESS, _wait_results, workload  # noqa: E402
 
 # (stage, substring of a "function (file:line)" frame); checked innermost frame first.
 STAGES = [
@@ -37,16 +37,6 @@ STAGES = [
     ("daemon", "(digitwatch/daemon.py)"),
 ]
 _LINE = re.compile(r":\d+\)$")
-
-
-_STUB = """
-import cv2, sys
-import digitwatch.pipeline as p
-p.to_mnist = lambda g: cv2.resize(g, (28, 28), interpolation=cv2.INTER_AREA)
-sys.argv[0] = "digitwatch"
-from digitwatch.cli import main
-main()
-"""
 
 
 def _stage(frames: list[str]) -> str:
@@ -142,7 +132,7 @@ def main() -> None:
         sock.settimeout(30)
         cmd = [sys.executable, "-m", "digitwatch", "run", "--inbox", str(inbox)]
         if args.stub_preprocess:
-            cmd[1:3] = ["-c", f"exec({_STUB!r})"]  # one line: py-spy prints the cmdline
+            cmd[1:3] = ["-c", f"exec({STUB_PREPROCESS!r})"]  # one line: py-spy prints cmdlines
         cmd += ["--outbox", str(outbox), "--log-format", "json", *args.daemon_args.split()]
         daemon = subprocess.Popen(
             cmd,
