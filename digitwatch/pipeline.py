@@ -75,6 +75,7 @@ def read_input(path: Path, limits: Limits) -> Input:
 
 
 _PR_SET_PDEATHSIG = 1
+_CHUNK_BYTES = 4 << 20  # most input bytes sent to a worker in one task
 
 
 def _worker_init() -> None:
@@ -184,7 +185,11 @@ class Pipeline:
         if self._pool is None or not items:
             done = [self._prepare(i) for i in items]
             return lambda: done
-        n = min(self._workers, len(items))
+        # One chunk per worker keeps the hand-off cost off small images; big files go in
+        # more, smaller chunks so no worker holds (and no pipe carries) a whole batch of
+        # 12 MP photos at once.
+        size = sum(len(i.data) for i in items if i.data is not None)
+        n = min(len(items), max(self._workers, -(-size // _CHUNK_BYTES)))
         chunks = [items[i::n] for i in range(n)]
         try:
             futures = [self._pool.submit(_prepare_chunk, c, self.limits) for c in chunks]
