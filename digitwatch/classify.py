@@ -23,7 +23,7 @@ import numpy.typing as npt
 from digitwatch.errors import WeightsError
 
 FORMAT_VERSION = 1
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2  # 2: to_mnist ends with a deskew; the model is trained on it
 LAYER_SIZES = (784, 128, 64, 10)
 
 Floats = npt.NDArray[np.float32]
@@ -156,6 +156,11 @@ def load_weights(path: Path) -> Weights:
         ) from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise WeightsError(f"{meta_file}: unsupported format_version {meta.get('format_version')}")
+    if meta.get("preprocessing_version") != PREPROCESSING_VERSION:
+        raise WeightsError(
+            f"{meta_file}: trained for preprocessing version {meta.get('preprocessing_version')}"
+            f", this digitwatch preprocesses with version {PREPROCESSING_VERSION}"
+        )
     if sizes != LAYER_SIZES:
         raise WeightsError(f"{meta_file}: architecture {sizes} is not the {LAYER_SIZES} MLP")
     actual_hash = hashlib.sha256(data).hexdigest()

@@ -13,6 +13,7 @@ from digitwatch.classify import Classifier, load_weights
 from digitwatch.codec import Limits, contact_sheet, write_png
 from digitwatch.mnist import load_mnist
 from digitwatch.pipeline import Input, Pipeline
+from digitwatch.preprocess import deskew_all
 
 SHEET_LIMIT = 600  # a weak model's thousands of errors would make an unreadable sheet
 
@@ -51,7 +52,8 @@ def evaluate(
     weights = load_weights(weights_path)
     classifier = Classifier(weights)
     images, labels = load_mnist(data_dir, train=False, download=download)
-    pred = classifier.probabilities(classifier.normalize(images)).argmax(1)
+    # The model's own score: MNIST's digits with the pipeline's last step (deskew) only.
+    pred = classifier.probabilities(classifier.normalize(deskew_all(images))).argmax(1)
     conf = _confusion(labels, pred)
     wrong = np.nonzero(pred != labels)[0]
     sheet = None

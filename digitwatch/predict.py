@@ -38,7 +38,7 @@ def predict_paths(
         load_weights(settings.weights),
         limits=limits,
         uncertain_below=settings.uncertain_below,
-        workers=settings.workers,
+        workers=1,  # inline: forking worker processes pays off only for a long-running service
     ) as pipe:
         for i in range(0, len(files), CHUNK):
             chunk = files[i : i + CHUNK]

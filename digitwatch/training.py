@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from digitwatch.mnist import MNIST_MEAN, MNIST_STD, load_mnist
 from digitwatch.model import MLP, MLPConfig, save_checkpoint
+from digitwatch.preprocess import deskew_all
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,14 @@ class TrainConfig:
     dropout: float = 0.1
     val_size: int = 5000
     seed: int = 0
-    rotate_deg: float = 10.0
+    rotate_deg: float = 5.0  # slant is removed by deskewing; this is what remains
     scale: float = 0.10
-    shear: float = 0.10
+    shear: float = 0.0  # deskewing normalizes shear away
     shift: float = 0.03  # inputs are centered by mass, so small shifts suffice
     thickness_p: float = 0.0  # probability of a random 3x3 dilation or erosion per image
     label_smoothing: float = 0.0
-    elastic_alpha: float = 0.0  # pixels: elastic distortion strength (Simard et al. 2003)
-    elastic_sigma: float = 4.0  # pixels: smoothness of the displacement field
+    elastic_alpha: float = 1.5  # elastic distortion strength (Simard et al. 2003)
+    elastic_grid: int = 4  # control points per side of the displacement field
     train_limit: int | None = None  # use only the first N training images (tests)
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -102,17 +103,17 @@ def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.T
 
 
 def _elastic_field(b: int, size: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """A smooth random displacement field in grid units, (B, size, size, 2)."""
-    radius = int(3 * cfg.elastic_sigma)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-(t**2) / (2 * cfg.elastic_sigma**2))
-    k = k / k.sum()
-    noise = torch.rand(b * 2, 1, size, size, generator=gen) * 2 - 1
-    noise = F.conv2d(noise, k.view(1, 1, 1, -1), padding=(0, radius))
-    noise = F.conv2d(noise, k.view(1, 1, -1, 1), padding=(radius, 0))
-    # Normalize so alpha is the typical displacement in pixels, whatever sigma is.
-    noise = noise / noise.flatten(1).std(dim=1).mean().clamp_min(1e-6)
-    field = noise.view(b, 2, size, size).permute(0, 2, 3, 1)
+    """A smooth random displacement field in grid units, (B, size, size, 2).
+
+    Random coefficients on the lowest 2-D cosine modes (B C B^T, two small matrix
+    products): as smooth as Gaussian-blurred noise (Simard et al. 2003) and far cheaper
+    than blurring on this CPU.
+    """
+    k = cfg.elastic_grid
+    t = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    basis = torch.cos(math.pi * t[:, None] * torch.arange(1, k + 1, dtype=torch.float32))
+    coeff = torch.randn(b, 2, k, k, generator=gen) / k
+    field = torch.einsum("ik,bckl,jl->bijc", basis, coeff, basis)  # (B, size, size, 2)
     return field * (cfg.elastic_alpha * 2.0 / size)
 
 
@@ -140,6 +141,7 @@ def train(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     images_np, labels_np = load_mnist(data_dir, train=True, download=download)
+    images_np = deskew_all(images_np)  # the model sees what preprocess.to_mnist outputs
     order = np.random.default_rng(cfg.seed).permutation(len(images_np))
     val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
     if cfg.train_limit is not None:
@@ -190,6 +192,7 @@ def train(
 
 def test_accuracy(model: MLP, data_dir: Path, *, download: bool = True) -> float:
     images, labels = load_mnist(data_dir, train=False, download=download)
+    images = deskew_all(images)
     return accuracy(model, torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels))
 
 

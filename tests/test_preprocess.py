@@ -140,7 +140,8 @@ def test_mnist_digits_pass_through_almost_unchanged(mnist_dir: Path) -> None:
     for img in images[:200]:
         out = to_mnist(img)
         assert out is not None
-        diffs.append(np.abs(out.astype(int) - img.astype(int)).mean())
+        # to_mnist ends with the deskew that training applies to MNIST itself
+        diffs.append(np.abs(out.astype(int) - preprocess.deskew(img).astype(int)).mean())
     assert np.median(diffs) < 12
 
 

@@ -59,6 +59,6 @@ def test_settings_are_frozen() -> None:
 
 def test_readme_configuration_table_lists_every_setting() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for option, env, key, _default in settings.describe():
+    for option, env, _key, _default in settings.describe():
         assert f"`{option}`" in readme, option
         assert f"`{env}`" in readme, env
