@@ -246,7 +246,9 @@ def run(
     max_delay_ms: Annotated[
         float | None, typer.Option(help="Longest wait to fill a batch, in ms.")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Decode/preprocess threads.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decode/preprocess worker processes (1: inline).")
+    ] = None,
     fsync: Annotated[
         bool | None, typer.Option("--fsync/--no-fsync", help="One sync per batch before archiving.")
     ] = None,

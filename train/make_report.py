@@ -71,7 +71,9 @@ def main() -> None:
         f"layer), Adam with a one-cycle schedule peaking at {t['lr']}, CrossEntropyLoss, "
         f"batch {t['batch_size']}, {t['epochs']} epochs, seed {t['seed']}. Batched random "
         f"affine augmentation on the tensors: rotation ±{t['rotate_deg']}°, scale "
-        f"±{t['scale']:.0%}, shear ±{t['shear']}, shift ±{t['shift']:.0%}. "
+        f"±{t['scale']:.0%}, shear ±{t['shear']}, shift ±{t['shift']:.0%}, and a smooth "
+        f"elastic displacement of strength {t.get('elastic_alpha', 0)}. Every image is first "
+        "deskewed by `digitwatch.preprocess.deskew`, the pipeline's last step. "
         f"{t['val_size']} training images are held out for validation; the test set chooses "
         "nothing, and the score below is the final epoch's model.",
         "",
@@ -83,7 +85,8 @@ def main() -> None:
         f"| the same digits as PNG files through decode + preprocess | "
         f"{ev.pipeline_accuracy:.2%} |",
         f"| final validation accuracy | {t['final_val_accuracy']:.2%} |",
-        f"| training time | {t['seconds']:.0f} s with {t['torch_threads']} torch threads |",
+        f"| training time | {t['seconds']:.0f} s with {t['torch_threads']} torch threads "
+        "(machine shared with other jobs; ~90-100 s quiet, see EXPERIMENTS.md) |",
         f"| machine | {_cpu()}, torch {meta['torch_version']} |",
         f"| weights sha256 | `{meta['sha256'][:16]}…` |",
         "",
@@ -107,6 +110,8 @@ def main() -> None:
         lines += [f"| {s} | {a:.2%} | {sec:.0f} |" for s, a, sec in reruns]
         lines.append("")
     lines += [
+        "How the recipe was chosen, and the seed spread: [EXPERIMENTS.md](EXPERIMENTS.md).",
+        "",
         "## Misclassified test digits",
         "",
         "Each labelled `true->predicted` ([errors.png](errors.png)):",
