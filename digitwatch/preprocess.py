@@ -11,6 +11,9 @@ import numpy as np
 from digitwatch.codec import Gray
 
 STEPS = """\
+0. Fast path: an image of at most CLEAN_SIDE px whose outermost pixels are even (an
+   MNIST file, an icon-sized drawing) has no paper to remove: its ink is its distance
+   from that ground, and it goes straight to step 8.
 1. Working size: images over WORK_SIDE px are shrunk by area averaging (a thin stroke
    survives as a fainter line); images under MIN_SIDE px are enlarged by a whole factor
    so a 16x16 scan or a 28x28 file has enough pixels to measure strokes on.
@@ -43,6 +46,8 @@ STEPS = """\
 """
 
 WORK_SIDE = 400
+CLEAN_SIDE = 40  # images up to this side on an even ground take the fast path
+CLEAN_BORDER_SPREAD = 16  # most minus least of the outermost pixels: an even ground
 MIN_SIDE = 64
 DIGIT_SIDE = 64
 MIN_CONTRAST = 24.0
@@ -252,8 +257,37 @@ def _render(mask: Gray) -> Gray | None:
     return deskew(out)
 
 
+def _clean_small(gray: Gray) -> Gray | None | bool:
+    """Fast path for a small image on an even ground (an MNIST file, an icon-sized drawing).
+
+    Returns False when the image is not one (the full path runs), else what `to_mnist`
+    returns. Such an image has no paper, shadow, ruled line or stroke width to correct,
+    so the ink is its distance from the ground; this skips the enlargement and the
+    morphology that cost ~1 ms on a 28x28 file.
+    """
+    h, w = gray.shape
+    if max(h, w) > CLEAN_SIDE or min(h, w) < 8:
+        return False
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    lo, hi = int(border.min()), int(border.max())
+    if hi - lo > CLEAN_BORDER_SPREAD:
+        return False
+    ground = int(np.median(border))
+    flat = np.full_like(gray, ground)
+    ink = cv2.subtract(gray, flat) if ground < 128 else cv2.subtract(flat, gray)
+    peak = float(ink.max())
+    if peak < MIN_CONTRAST:
+        return None
+    soft = cv2.convertScaleAbs(ink, alpha=255.0 / peak)
+    soft[soft < 64] = 0  # as the full path: under a quarter of the pen's level is not ink
+    return _render(np.asarray(soft, np.uint8))
+
+
 def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
     """Return the 28x28 image the model sees, or None when there is no digit."""
+    quick = _clean_small(gray)
+    if quick is not False:
+        return quick  # type: ignore[return-value]
     img = _fit(gray)
     ink = _ink_map(img, _dark_paper(img))
     t_otsu, otsu = cv2.threshold(ink, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
