@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from digitwatch.classify import Classifier, Weights
-from digitwatch.codec import Gray, Limits, decode
+from digitwatch.codec import Gray, Limits, decode_with_header
 from digitwatch.errors import InputError
 from digitwatch.preprocess import to_mnist
 from digitwatch.results import Record
@@ -101,8 +101,9 @@ def _prepare(item: Input, limits: Limits) -> _Prepared:
     error = item.error
     if item.data is not None:
         try:
-            gray = decode(item.data, limits)
-            height, width = gray.shape
+            # The header's size, not the array's: large JPEGs are decoded reduced.
+            gray, head = decode_with_header(item.data, limits)
+            width, height = head.width, head.height
             image = to_mnist(gray)
         except InputError as e:
             error = str(e)
