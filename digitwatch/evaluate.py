@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from digitwatch.classify import Classifier, load_weights
+from digitwatch.classify import Classifier, Weights, load_weights
 from digitwatch.codec import Limits, contact_sheet, write_png
 from digitwatch.mnist import load_mnist
 from digitwatch.pipeline import Input, Pipeline
@@ -64,7 +64,7 @@ def evaluate(
         sheet = str(sheet_path)
     pipeline_acc = None
     if through_pipeline:
-        pipeline_acc = _pipeline_accuracy(weights_path, images, labels)
+        pipeline_acc = _pipeline_accuracy(weights, images, labels)
     return Evaluation(
         weights=str(weights_path),
         model=weights.model_id,
@@ -78,12 +78,12 @@ def evaluate(
 
 
 def _pipeline_accuracy(
-    weights_path: Path, images: npt.NDArray[np.uint8], labels: npt.NDArray[np.int64]
+    weights: Weights, images: npt.NDArray[np.uint8], labels: npt.NDArray[np.int64]
 ) -> float:
     """Encode each test digit as a PNG and send it through the product's pipeline."""
     from digitwatch.codec import encode_png
 
-    with Pipeline(load_weights(weights_path), limits=Limits(), uncertain_below=0.0) as pipe:
+    with Pipeline(weights, limits=Limits(), uncertain_below=0.0) as pipe:
         results = pipe.run([Input(f"{i}.png", encode_png(img)) for i, img in enumerate(images)])
     digits = np.array([-1 if r.record.digit is None else r.record.digit for r in results])
     return float((digits == labels).mean())

@@ -33,7 +33,7 @@ from digitwatch.classify import Classifier, Weights
 from digitwatch.codec import Gray, Limits, decode_with_header
 from digitwatch.errors import InputError
 from digitwatch.preprocess import to_mnist
-from digitwatch.results import Record
+from digitwatch.results import Record, Status
 
 
 @dataclass(frozen=True)
@@ -237,46 +237,32 @@ class Pipeline:
         results = []
         for p in prepared:
             elapsed = round(p.ms + (share if id(p) in by_name else 0.0), 3)
-            common = dict(
+            status: Status = "ok"
+            digit = confidence = probabilities = None
+            if p.error is not None:
+                status = "error"
+            elif p.image is None:
+                status = "no_digit"
+            else:
+                row = probs[by_name[id(p)]]
+                digit = int(row.argmax())
+                confidence = round(float(row[digit]), 6)
+                probabilities = [round(float(v), 6) for v in row]
+            rec = Record(
                 input=p.name,
                 sha256=p.sha256,
+                status=status,
+                digit=digit,
+                confidence=confidence,
+                # no_digit is never a confident answer; an error is no answer at all
+                uncertain=status == "no_digit"
+                or (confidence is not None and confidence < self.uncertain_below),
+                probabilities=probabilities,
+                error=p.error,
                 model=self.model_id,
                 width=p.width,
                 height=p.height,
                 elapsed_ms=elapsed,
             )
-            if p.error is not None:
-                rec = Record(
-                    status="error",
-                    digit=None,
-                    confidence=None,
-                    uncertain=False,
-                    probabilities=None,
-                    error=p.error,
-                    **common,  # type: ignore[arg-type]
-                )
-            elif p.image is None:
-                rec = Record(
-                    status="no_digit",
-                    digit=None,
-                    confidence=None,
-                    uncertain=True,
-                    probabilities=None,
-                    error=None,
-                    **common,  # type: ignore[arg-type]
-                )
-            else:
-                row = probs[by_name[id(p)]]
-                digit = int(row.argmax())
-                confidence = round(float(row[digit]), 6)
-                rec = Record(
-                    status="ok",
-                    digit=digit,
-                    confidence=confidence,
-                    uncertain=confidence < self.uncertain_below,
-                    probabilities=[round(float(v), 6) for v in row],
-                    error=None,
-                    **common,  # type: ignore[arg-type]
-                )
             results.append(Result(rec, p.image))
         return results
