@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import STUB_PREPROCESS, _wait_results, workload  # noqa: E402
+from bench_daemon import STUB_PREPROCESS, Arrivals, bench_parent, workload  # noqa: E402
 
 # (stage, substring of a "function (file:line)" frame); checked innermost frame first.
 STAGES = [
@@ -118,7 +118,7 @@ def main() -> None:
     args = ap.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     blobs = workload("png28", args.n)
-    root = Path(tempfile.mkdtemp(prefix="dwprof-"))
+    root = Path(tempfile.mkdtemp(prefix="prof-", dir=bench_parent()))
     try:
         stage, inbox, outbox = (root / s for s in ("stage", "inbox", "outbox"))
         for d in (stage, inbox, outbox):
@@ -154,10 +154,12 @@ def main() -> None:
         )
         time.sleep(1.0)  # let py-spy attach
         before = _cpu_ticks(daemon.pid)
+        arrivals = Arrivals(outbox)
         t0 = time.perf_counter()
         for name in names:
             os.rename(stage / name, inbox / name)  # noqa: PTH104 (the producer: keep it fast)
-        t1 = _wait_results(outbox, args.n, timeout=600)
+        t1 = arrivals.wait(args.n, timeout=600)
+        arrivals.close()
         after = _cpu_ticks(daemon.pid)
         own = {int(t.name) for t in Path(f"/proc/{daemon.pid}/task").iterdir()}
         spy.send_signal(signal.SIGINT)
