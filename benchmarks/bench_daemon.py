@@ -17,13 +17,18 @@ python benchmarks/bench_daemon.py [--quick] [--repeat 3] [--only png28,...] [--l
 
 from __future__ import annotations
 
+import os
+
+# Before numpy loads: an idle OpenBLAS server thread in this process (the producer) took
+# ~2% of the machine from both contestants under perf.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import array
 import atexit
 import contextlib
 import ctypes
 import fcntl
-import os
 import platform
 import select
 import shutil
@@ -62,16 +67,16 @@ main()
 
 
 def _digit_images(n: int, seed: int = 0) -> list[np.ndarray]:
-    """Handwriting-like strokes (white on black, MNIST format); MNIST itself when present."""
-    data_dir = os.environ.get("DIGITWATCH_DATA_DIR")
-    if data_dir:
-        try:
-            from digitwatch.mnist import load_mnist
+    """MNIST test digits when DIGITWATCH_DATA_DIR has them, else handwriting-like strokes.
 
-            images, _ = load_mnist(Path(data_dir), train=False, download=False)
-            return [images[i % len(images)] for i in range(n)]
-        except Exception:
-            pass
+    Read straight from the IDX file: importing torch (torchvision) here would leave this
+    process, the producer, with a heap that makes each garbage collection slow.
+    """
+    data_dir = os.environ.get("DIGITWATCH_DATA_DIR")
+    idx = Path(data_dir or "-") / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    if idx.is_file():
+        images = np.frombuffer(idx.read_bytes(), np.uint8, offset=16).reshape(-1, 28, 28)
+        return [images[i % len(images)] for i in range(n)]
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -296,6 +301,7 @@ def burst(start: Starter, blobs: list[bytes], ext: str) -> dict[str, float]:
         names = [f"img{i:06d}.{ext}" for i in range(len(blobs))]
         for name, blob in zip(names, blobs, strict=True):
             (stage / name).write_bytes(blob)
+        create_us = create_cost_us(outbox)
         proc = start(inbox, outbox)
         arrivals = Arrivals(outbox)
         try:
@@ -304,6 +310,7 @@ def burst(start: Starter, blobs: list[bytes], ext: str) -> dict[str, float]:
                 os.rename(stage / name, inbox / name)  # noqa: PTH104 (the producer: keep it fast)
             t1 = arrivals.wait(len(names), timeout=600)
             return {
+                "create_us": create_us,
                 "rate": len(names) / (t1 - t0),
                 "seconds": t1 - t0,
                 "ready_s": proc.ready,
@@ -372,17 +379,26 @@ def long_run(blobs: list[bytes], total: int, extra: list[str]) -> dict[str, floa
 # ---------------------------------------------------------------- report
 
 
-def create_cost_us(n: int = 500) -> float:
-    """Median cost of creating (and writing) one small file where the benchmark runs."""
-    with folders() as (stage, _inbox, _outbox):
-        times = []
-        for i in range(n):
-            t = time.perf_counter()
-            fd = os.open(stage / f"probe{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.write(fd, b"{}")
-            os.close(fd)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times) * 1e6
+def create_cost_us(folder: Path, n: int = 300) -> float:
+    """Median cost of creating (and writing) one small file in a new folder beside `folder`."""
+    probe = folder.parent / "probe"
+    probe.mkdir()
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        fd = os.open(probe / f"p{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"{}")
+        os.close(fd)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+SLOW_CREATE = """
+WARNING: creating a file was slow in some run (> 150 us). Every result is a new file
+for both sides, so this squeezes the ratio toward 1. On a journal-less ext4 (this
+machine's) the kernel skips inodes deleted in the last 1-6 minutes one by one (see
+bench_parent): run later, or elsewhere with BENCH_TMP=/path.
+"""
 
 
 def machine() -> str:
@@ -421,22 +437,14 @@ def main() -> None:
     dw: Starter = lambda i, o: start_digitwatch(i, o, extra, stub=args.stub_preprocess)  # noqa: E731
     print(f"machine: {machine()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    cost = create_cost_us()
-    print(f"folder: {_ROOTS[0].parent}, creating a small file there: {cost:.0f} us (median)\n")
-    if cost > 200:
-        print(
-            "WARNING: file creation is slow here. Every result is a new file for both\n"
-            "sides, so this compresses the ratio. On a journal-less ext4 (this machine's)\n"
-            "the kernel skips inodes deleted in the last 1-6 minutes one by one (see\n"
-            "bench_parent); run later, or elsewhere with BENCH_TMP=/path.\n"
-        )
+    print(f"folders: {bench_parent()}; create = median us to create a small file there\n")
     if args.stub_preprocess:
         print("NOTE: preprocessing stubbed (to_mnist = resize): not a product figure\n")
     print(
         "| workload | digitwatch | baseline | ratio: median pair (range) "
-        "| digitwatch ready / peak RSS |"
+        "| digitwatch ready / peak RSS | create us (dw / base) |"
     )
-    print("| --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for kind, n in sizes.items():
         if kind not in only:
             continue
@@ -453,9 +461,12 @@ def main() -> None:
             f"| {d['rate'] / b['rate']:.2f}x{spread} "
             f"| {d['ready_s']:.2f} s / {d['peak_rss_mb']:.0f} MB, "
             f"{d['tree_rss_mb']:.0f} MB with workers "
-            f"(baseline {b['ready_s']:.2f} s / {b['peak_rss_mb']:.0f} MB) |",
+            f"(baseline {b['ready_s']:.2f} s / {b['peak_rss_mb']:.0f} MB) "
+            f"| {d['create_us']:.0f} / {b['create_us']:.0f} |",
             flush=True,
         )
+        if max(max(d["create_us"], b["create_us"]) for d, b in pairs) > 150:
+            print(SLOW_CREATE, flush=True)
     if "paced" in only:
         n = 300 if args.quick else 1000
         blobs = workload("png28", n)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import STUB_PREPROCESS, Arrivals, bench_parent, workload  # noqa: E402
+from bench_daemon import STUB_PREPROCESS, Arrivals, bench_parent, create_cost_us, workload  # noqa: E402
 
 # (stage, substring of a "function (file:line)" frame); checked innermost frame first.
 STAGES = [
@@ -126,6 +126,7 @@ def main() -> None:
         names = [f"img{i:06d}.png" for i in range(args.n)]
         for name, blob in zip(names, blobs, strict=True):
             (stage / name).write_bytes(blob)
+        print(f"creating a small file here: {create_cost_us(outbox):.0f} us (median)")
         sock_path = root / "notify.sock"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(sock_path))
@@ -154,6 +155,7 @@ def main() -> None:
         )
         time.sleep(1.0)  # let py-spy attach
         before = _cpu_ticks(daemon.pid)
+        stat0 = Path("/proc/stat").read_text().split("\n")[0].split()[1:]
         arrivals = Arrivals(outbox)
         t0 = time.perf_counter()
         for name in names:
@@ -161,6 +163,9 @@ def main() -> None:
         t1 = arrivals.wait(args.n, timeout=600)
         arrivals.close()
         after = _cpu_ticks(daemon.pid)
+        stat1 = Path("/proc/stat").read_text().split("\n")[0].split()[1:]
+        delta = [int(b) - int(a) for a, b in zip(stat0, stat1, strict=True)]
+        print(f"machine idle during the burst: {100 * (delta[3] + delta[4]) / sum(delta):.0f}%")
         own = {int(t.name) for t in Path(f"/proc/{daemon.pid}/task").iterdir()}
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=30)

@@ -10,7 +10,9 @@ Layout (all renames stay on one filesystem and inside the watched tree):
 
 A batch commits in this order: every JSON (temp + rename, written by the worker that
 answered the file), then all CSV rows in one O_APPEND write under an exclusive flock,
-then one sync, then the inputs are archived.
+then one sync, then the inputs are archived. The sync and the archive run on a second
+thread ("settle"), which covers every batch waiting with one sync, so the main thread
+claims the next files while the disk flushes.
 A file still in a work folder therefore has either no JSON (answer it again: the JSON
 name is fixed by the claim id, so the rewrite replaces a partial attempt), or a JSON
 whose CSV row may be missing (append it). Each daemon flocks `work/<daemon>/.lock` for
@@ -20,12 +22,13 @@ adopted, at start and at every rescan.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import ctypes
-import dataclasses
 import datetime as dt
 import fcntl
+import gc
 import itertools
 import json
 import os
@@ -33,6 +36,7 @@ import queue
 import secrets
 import signal
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +60,12 @@ log = structlog.get_logger()
 CSV_NAME = "results.csv"
 _STOP = ("", "stop")
 _STATUS_EVERY = 1.0
+# Batches left in the workers while the main thread collects an older one.
+_DEPTH = 2
+# Batches whose CSV rows are written, waiting for their sync and archive: when the
+# settle thread falls this far behind (a disk that stopped answering), the main loop
+# blocks, its watchdog pings stop, and systemd restarts the service.
+_SETTLE_BACKLOG = 4
 _NAME_MAX = 255  # bytes in one file name on Linux filesystems
 _NEW_DIR_GRACE = 60.0  # seconds a half-made work folder (.new-*) is left to its maker
 
@@ -84,6 +94,10 @@ def serve(settings: Settings, *, check_only: bool = False) -> int:
     if check_only:
         print(f"digitwatch: ok: inbox {inbox}, outbox {outbox}, model {weights.model_id}")
         return 0
+    # Everything loaded so far lives as long as the process: keep the collector from
+    # walking it again on every full collection, and keep the pages shared by the
+    # forked workers from being written by it (reference counts aside).
+    gc.freeze()
     pipeline = Pipeline(
         weights,
         limits=Limits(settings.max_pixels, settings.max_file_bytes),
@@ -122,6 +136,16 @@ class _Batch:
     claims: list[Claim]
     results: Callable[[], list[Result]]  # waits for the pipeline
     started: float  # perf_counter
+
+
+@dataclass
+class _Settle:
+    """A batch with its JSON files and CSV rows written: to sync, then archive."""
+
+    claims: list[Claim]
+    records: list[Record]
+    started: float  # perf_counter
+    wait_ms: float  # how long the main thread waited for the workers
 
 
 _second = (-1, "")  # the last whole second formatted by _iso, and its text
@@ -163,7 +187,7 @@ class WriteJson:
         out = []
         for item, record in zip(items, records, strict=True):
             path, detected_at = item.tag
-            rec = dataclasses.replace(record, detected_at=detected_at, processed_at=_stamp())
+            rec = record.stamped(detected_at, _stamp())
             try:
                 write_json_atomic(path, rec.to_json())
             except FileNotFoundError:
@@ -295,7 +319,10 @@ class Daemon:
         self.ready: dict[str, float] = {}  # path -> detected_at, in arrival order
         self.first_ready = 0.0
         self.backlog: list[Claim] = []  # adopted claims that still need an answer
-        self.inflight: _Batch | None = None  # claimed, read, being prepared
+        self.inflight: collections.deque[_Batch] = collections.deque()  # in the workers
+        self.settling: queue.Queue[_Settle | None] = queue.Queue(_SETTLE_BACKLOG)
+        self.settle_error: BaseException | None = None
+        self.settler = threading.Thread(target=self._settle_loop, name="digitwatch-settle")
         self.skipped: dict[str, int] = {}  # non-regular paths already logged, by inode
         self.counts = {"ok": 0, "no_digit": 0, "error": 0}
         self.stopping = False
@@ -325,6 +352,7 @@ class Daemon:
             self.inbox_ino = self.inbox.stat().st_ino
             self._make_folders()
             self._adopt_dead_peers()
+            self.settler.start()
             self.watcher.start()  # before the scan, so nothing lands unseen in between
             for path in scan(self.inbox, recursive=self.s.recursive):
                 self._offer(path, SCAN)
@@ -346,6 +374,7 @@ class Daemon:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
             self.notifier.stopping(self._status())
             self.watcher.stop()
+            self._stop_settler()
             self._release_folders()
             if restore_signals:
                 for sig, handler in previous.items():
@@ -481,12 +510,13 @@ class Daemon:
                 self._check_inbox()
             if not self.watcher.alive():
                 raise WatcherDied("the filesystem observer stopped; exiting so it can restart")
+            self._check_settled()
             if now >= self.next_rescan:
                 self._rescan()
             for path, detected in self.gate.due(now):
                 self._mark_ready(path, detected)
-            if self.inflight is not None:
-                self._drain()  # so the next batch can start while this one is prepared
+            if self.inflight:
+                self._drain()  # so the next batch can start while these are answered
             if self.backlog:
                 batch, self.backlog = (
                     self.backlog[: self.s.batch_size],
@@ -498,13 +528,13 @@ class Daemon:
             # company); while a batch is in flight the next one fills, for at most
             # max_delay_ms, so batches grow with the load.
             if self.ready and (
-                self.inflight is None
+                not self.inflight
                 or len(self.ready) >= self.s.batch_size
                 or now >= self.first_ready + self.s.max_delay_ms / 1000
             ):
                 self._advance(self._claim_batch())
                 continue
-            if self.inflight is not None:
+            if self.inflight:
                 self._advance([])
                 continue
             wake = min(now + 1.0, self.next_rescan, self.gate.next_check(), next_status)
@@ -518,7 +548,7 @@ class Daemon:
                 continue
             self._take(item)
             self._drain()
-        self._advance([])  # the batch still being prepared is answered before we stop
+        self._flush()  # the batches in hand are answered before we stop
 
     def _drain(self) -> None:
         """Take what is already queued without blocking: a burst fills whole batches."""
@@ -565,9 +595,9 @@ class Daemon:
 
     def _rescan(self) -> None:
         """Catch what inotify dropped (queue overflow is silent) and adopt dead peers' work."""
-        # Recovery answers whatever sits unanswered in our work folder: our own batch in
-        # flight must be committed and archived first, or it would be answered twice.
-        self._advance([])
+        # Recovery answers whatever sits unanswered in our work folder: our own batches
+        # in flight must be committed and archived first, or they would be answered twice.
+        self._flush()
         self._adopt_dead_peers()
         for path in scan(self.inbox, recursive=self.s.recursive):
             self._offer(path, SCAN)
@@ -591,16 +621,17 @@ class Daemon:
         return claims
 
     def _advance(self, claims: list[Claim]) -> None:
-        """Start answering `claims`, then finish the batch started before it.
+        """Start answering `claims`; then, if the workers hold enough, commit the oldest batch.
 
-        One batch in flight: the worker processes answer batch N+1 (read, decode,
-        preprocess, classify, write each JSON) while this thread appends batch N's CSV
-        rows, syncs and archives it. Commit order per batch is unchanged, and batches
-        commit in the order they were claimed.
+        Up to _DEPTH batches stay in the workers (read, decode, preprocess, classify, write
+        each JSON) while this thread appends the oldest batch's CSV rows, syncs and archives
+        it, so the workers have queued work through the sync. With no claims the oldest
+        batch is committed. Commit order per batch is unchanged, and batches commit in the
+        order they were claimed.
         """
         # An input name waits while a file of the same name is being answered, so the
         # workers never stamp one name twice in the same microsecond (see _stamp).
-        names = {c.rel for c in self.inflight.claims} if self.inflight is not None else set()
+        names = {c.rel for b in self.inflight for c in b.claims}
         now: list[Claim] = []
         later: list[Claim] = []
         for c in claims:
@@ -608,10 +639,18 @@ class Daemon:
             names.add(c.rel)
         if later:
             self.backlog[:0] = later  # claimed already: answered by the next batches
-        started = self._start(now) if now else None
-        if self.inflight is not None:
-            self._answer(self.inflight)
-        self.inflight = started
+        if now:
+            self.inflight.append(self._start(now))
+        if self.inflight and (len(self.inflight) > _DEPTH or not now):
+            self._answer(self.inflight.popleft())
+
+    def _flush(self) -> None:
+        """Commit every batch in hand, through its archive."""
+        while self.inflight:
+            self._answer(self.inflight.popleft())
+        if self.settler.is_alive():
+            self.settling.join()
+        self._check_settled()
 
     def _claim(self, path: str, detected: float) -> Claim | None:
         """Rename the file into our work folder; None if it is gone or not a regular file."""
@@ -666,18 +705,65 @@ class Daemon:
         return _Batch(claims, self.pipeline.submit(inputs, finish=_WRITE_JSON), t0)
 
     def _answer(self, batch: _Batch) -> None:
-        claims = batch.claims
-        t0 = batch.started
+        """Collect a batch's records (each JSON is written) and append its CSV rows."""
         t1 = time.perf_counter()
         try:
             records = [r.record for r in batch.results()]  # the workers wrote each JSON
             t2 = time.perf_counter()
             self.results.append_csv(records)
-            self.results.sync(self.outbox, self.inbox)
         except OSError as e:
             # Claimed inputs stay in the work folder and are answered after a restart.
             raise FolderError(f"cannot write results to {self.outbox}: {e.strerror or e}") from e
-        for c, rec in zip(claims, records, strict=True):
+        self._settle(_Settle(batch.claims, records, batch.started, (t2 - t1) * 1000))
+
+    def _settle(self, item: _Settle) -> None:
+        while True:
+            self._check_settled()
+            try:
+                self.settling.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                continue  # the disk is slow: no pings while we wait (see _SETTLE_BACKLOG)
+
+    def _check_settled(self) -> None:
+        if self.settle_error is not None:
+            e = self.settle_error
+            if isinstance(e, OSError):
+                raise FolderError(f"cannot sync {self.outbox}: {e.strerror or e}") from e
+            raise e
+
+    def _stop_settler(self) -> None:
+        if self.settler.is_alive():
+            self.settling.put(None)
+            self.settler.join()
+
+    def _settle_loop(self) -> None:
+        """The settle thread: one sync for every batch waiting, then archive and log them."""
+        q = self.settling
+        while True:
+            items = [q.get()]
+            while items[-1] is not None:
+                try:
+                    items.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            batches = [i for i in items if i is not None]
+            try:
+                if batches and self.settle_error is None:
+                    self.results.sync(self.outbox, self.inbox)
+                    for b in batches:
+                        self._archive_batch(b)
+            except BaseException as e:  # noqa: BLE001 (handed to the main thread)
+                self.settle_error = e  # the claims stay in the work folder for a restart
+            finally:
+                for _ in items:
+                    q.task_done()
+            if items[-1] is None:
+                return
+
+    def _archive_batch(self, batch: _Settle) -> None:
+        records = batch.records
+        for c, rec in zip(batch.claims, records, strict=True):
             self._archive(c, rec.status)
             self.counts[rec.status] += 1
             log.info(
@@ -692,9 +778,9 @@ class Daemon:
             )
         log.info(
             "batch",
-            files=len(claims),
-            ms=round((time.perf_counter() - t0) * 1000, 3),
-            pipeline_ms=round((t2 - t1) * 1000, 3),
+            files=len(records),
+            ms=round((time.perf_counter() - batch.started) * 1000, 3),
+            pipeline_ms=round(batch.wait_ms, 3),
             **{k: sum(r.status == k for r in records) for k in self.counts},
         )
 
