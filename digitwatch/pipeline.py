@@ -267,7 +267,17 @@ class Pipeline:
 
     def _renew_pool(self) -> ProcessPoolExecutor:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # A broken pool does not stop its surviving workers: one still busy with an
+            # older chunk would write that chunk's JSON files again after they had been
+            # answered anew (found by the killed-worker test). Kill them all first.
+            old = self._pool
+            procs = list((getattr(old, "_processes", None) or {}).values())
+            for proc in procs:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            old.shutdown(wait=True, cancel_futures=True)
+            for proc in procs:
+                proc.join()
         self._pool = self._new_pool()
         return self._pool
 

@@ -480,3 +480,35 @@ def test_on_success_delete_removes_answered_inputs_but_keeps_failures(
         assert d.stop() == 0
     assert not state(inbox, "processed")
     assert [p.name.split("~")[1] for p in state(inbox, "failed")] == ["bad.png"]
+
+
+def _workers(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_worker_killed_mid_batch_costs_no_file(folders: tuple[Path, Path]) -> None:
+    """The OOM killer or a decoder crash takes a worker: its files are answered again."""
+    inbox, outbox = folders
+    staging = inbox.parent / "staging"
+    staging.mkdir()
+    names = [f"big{i:02d}.png" for i in range(24)]
+    for i, n in enumerate(names):
+        (staging / n).write_bytes(digit_png(i, size=1400))  # ~10 ms each to prepare
+    d = DaemonProcess(inbox, outbox, "--batch-size", "24", "--max-delay-ms", "200")
+    try:
+        d.wait_ready()
+        workers = _workers(d.proc.pid)
+        assert len(workers) == 2, workers
+        for n in names:
+            (staging / n).rename(inbox / n)
+        wait_for(lambda: len(state(inbox, "work")) > 0, 10, "a batch claimed")
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: len(csv_rows(outbox)) >= len(names), 60, "every file answered")
+        drop(inbox, "after.png", digit_png(99))  # the service still answers new files
+        wait_for(lambda: len(csv_rows(outbox)) == len(names) + 1, 10, "a file after the kill")
+        assert sorted(_workers(d.proc.pid)) != sorted(workers), "the pool was renewed"
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+    assert_exactly_once(outbox, {*names, "after.png"})
+    assert {r["status"] for r in results(outbox)} == {"ok"}, "the files did not cause the crash"
+    assert not state(inbox, "work")
