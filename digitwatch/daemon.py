@@ -66,6 +66,12 @@ _DEPTH = 2
 # settle thread falls this far behind (a disk that stopped answering), the main loop
 # blocks, its watchdog pings stop, and systemd restarts the service.
 _SETTLE_BACKLOG = 4
+# A full, read-only or vanished outbox: the batch's files stay claimed and are answered
+# again after a pause that doubles from _RETRY_MIN to _RETRY_MAX seconds; meanwhile no
+# new file is claimed, and the failure is logged at most once per _HOLD_LOG_EVERY.
+_RETRY_MIN = 0.5
+_RETRY_MAX = 30.0
+_HOLD_LOG_EVERY = 60.0
 _NAME_MAX = 255  # bytes in one file name on Linux filesystems
 _NEW_DIR_GRACE = 60.0  # seconds a half-made work folder (.new-*) is left to its maker
 
@@ -238,8 +244,14 @@ class Results:
             if records:
                 data = csv_lines(records, header=size == 0).encode()
                 view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                try:
+                    while view:
+                        view = view[os.write(fd, view) :]
+                except OSError:
+                    # A full disk mid-write: rows left behind would be answered twice.
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)
+                    raise
             return len(records)
         finally:
             os.close(fd)  # releases the flock
@@ -326,6 +338,10 @@ class Daemon:
         self.skipped: dict[str, int] = {}  # non-regular paths already logged, by inode
         self.counts = {"ok": 0, "no_digit": 0, "error": 0}
         self.stopping = False
+        self.held_since: float | None = None  # when writing results first failed
+        self.retry_at = 0.0
+        self.backoff = 0.0
+        self.next_hold_log = 0.0
         self.inbox_ino = -1
         self.next_rescan = float("inf")
         self.watcher = Watcher(
@@ -467,26 +483,33 @@ class Daemon:
     def _finish_recovered(self) -> None:
         """Adopted claims: archive those already answered, queue the rest for a batch."""
         answered: list[tuple[Claim, Record]] = []
+        queued = {c.claim_id for c in self.backlog}  # ours, waiting for a retry or a turn
         for dirpath, _dirs, files in os.walk(self.work):
             sub = os.path.relpath(dirpath, self.work)
             for name in files:
                 if name == ".lock" or "~" not in name:
                     continue
                 claim_id, base = name.split("~", 1)
+                if claim_id in queued:
+                    continue  # its JSON may be from a failed attempt: it is answered anew
                 rel = base if sub == "." else f"{sub}/{base}"
                 claim = Claim(rel, claim_id, f"{dirpath}/{name}", time.time())
                 try:
                     data = json.loads(Path(self.results.json_path(claim)).read_text())
                     record = Record(**data)
                 except (OSError, ValueError, TypeError):
-                    if claim.claim_id not in {c.claim_id for c in self.backlog}:
-                        self.backlog.append(claim)
+                    self.backlog.append(claim)
                     continue
                 answered.append((claim, record))
         if not answered:
             return
-        added = self.results.append_csv([r for _, r in answered], unless_present=True)
-        self.results.sync(self.outbox, self.inbox)
+        try:
+            added = self.results.append_csv([r for _, r in answered], unless_present=True)
+            self.results.sync(self.outbox, self.inbox)
+        except OSError as e:
+            # A full outbox: they stay claimed, and the next rescan tries again.
+            log.warning("recovery_deferred", files=len(answered), error=e.strerror or str(e))
+            return
         for claim, record in answered:
             self._archive(claim, record.status)
         log.info("recovered_answers", files=len(answered), csv_rows_added=added)
@@ -517,7 +540,12 @@ class Daemon:
                 self._mark_ready(path, detected)
             if self.inflight:
                 self._drain()  # so the next batch can start while these are answered
-            if self.backlog:
+            held = now < self.retry_at  # the outbox failed: claim nothing until the retry
+            if held:
+                if self.inflight:
+                    self._advance([])
+                    continue
+            elif self.backlog:
                 batch, self.backlog = (
                     self.backlog[: self.s.batch_size],
                     self.backlog[self.s.batch_size :],
@@ -527,20 +555,22 @@ class Daemon:
             # Idle workers take what is ready at once (a lone file need not wait for
             # company); while a batch is in flight the next one fills, for at most
             # max_delay_ms, so batches grow with the load.
-            if self.ready and (
+            elif self.ready and (
                 not self.inflight
                 or len(self.ready) >= self.s.batch_size
                 or now >= self.first_ready + self.s.max_delay_ms / 1000
             ):
                 self._advance(self._claim_batch())
                 continue
-            if self.inflight:
+            elif self.inflight:
                 self._advance([])
                 continue
             wake = min(now + 1.0, self.next_rescan, self.gate.next_check(), next_status)
             if ping_every is not None:
                 wake = min(wake, next_ping)
-            if self.ready:
+            if held:
+                wake = min(wake, self.retry_at)
+            elif self.ready:
                 wake = min(wake, self.first_ready + self.s.max_delay_ms / 1000)
             try:
                 item = q.get(timeout=max(0.0, wake - now))
@@ -712,9 +742,39 @@ class Daemon:
             t2 = time.perf_counter()
             self.results.append_csv(records)
         except OSError as e:
-            # Claimed inputs stay in the work folder and are answered after a restart.
-            raise FolderError(f"cannot write results to {self.outbox}: {e.strerror or e}") from e
+            self._hold(batch.claims, e)
+            return
+        if self.held_since is not None:
+            log.warning(
+                "outbox_writable",
+                outbox=str(self.outbox),
+                after_s=round(time.monotonic() - self.held_since, 1),
+            )
+            self.held_since, self.backoff, self.next_hold_log = None, 0.0, 0.0
         self._settle(_Settle(batch.claims, records, batch.started, (t2 - t1) * 1000))
+
+    def _hold(self, claims: list[Claim], error: OSError) -> None:
+        """Writing results failed (a full disk): keep the files claimed, retry later.
+
+        Nothing of the batch is committed: a JSON already written is replaced when the file
+        is answered again (its name comes from the claim), and a failed CSV append is cut
+        back (`Results.append_csv`). The files are answered first when writing works again.
+        """
+        now = time.monotonic()
+        self.backlog[:0] = claims
+        self.backoff = min(_RETRY_MAX, self.backoff * 2 or _RETRY_MIN)
+        self.retry_at = now + self.backoff
+        if self.held_since is None:
+            self.held_since = now
+        if now >= self.next_hold_log:
+            log.error(
+                "outbox_unwritable",
+                outbox=str(self.outbox),
+                error=error.strerror or str(error),
+                files_waiting=len(self.backlog),
+                retry_in_s=self.backoff,
+            )
+            self.next_hold_log = now + _HOLD_LOG_EVERY
 
     def _settle(self, item: _Settle) -> None:
         while True:

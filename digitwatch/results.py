@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import errno
 import io
 import json
 import os
@@ -99,7 +101,14 @@ def write_json_atomic(path: str | Path, text: str, *, tmp_prefix: str = ".tmp-")
     tmp = f"{folder}/{tmp_prefix}{name}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, (text + "\n").encode())
-    finally:
+        data = (text + "\n").encode()
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
         os.close(fd)
-    os.replace(tmp, path)  # noqa: PTH105
+        os.replace(tmp, path)  # noqa: PTH105
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # noqa: PTH108 (no partial file left behind: a full disk)
+        raise
