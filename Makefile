@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 INBOX ?= inbox
 OUTBOX ?= outbox
 
-.PHONY: run test lint typecheck pytest bench install clean
+.PHONY: run test lint typecheck pytest bench fuzz install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,15 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_daemon.py
+
+# Fuzz decode + preprocess for FUZZ_SECONDS; findings land in FUZZ_OUT (see tests/fuzz_decode.py).
+FUZZ_SECONDS ?= 300
+FUZZ_OUT ?= fuzz-findings
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	mkdir -p $(FUZZ_OUT)
+	$(BIN)/python tests/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+		-rss_limit_mb=1024 -malloc_limit_mb=1024 -artifact_prefix=$(FUZZ_OUT)/ $(FUZZ_OUT)/corpus
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

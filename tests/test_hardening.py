@@ -6,10 +6,14 @@ import contextlib
 import datetime as dt
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import corpus
+import numpy as np
 import pytest
 from daemon_helpers import DaemonProcess, csv_rows, digit_png, drop, results, wait_for
 from test_daemon import assert_exactly_once, state
@@ -89,15 +93,45 @@ def _retried(d: DaemonProcess) -> bool:
     return (dt.datetime.now(dt.UTC) - t0).total_seconds() > 3.5
 
 
+def _odd_formats() -> dict[str, bytes]:
+    """Valid but unusual files: each must be classified, not refused."""
+    rng = np.random.default_rng(0)
+    d28 = np.zeros((28, 28), np.uint8)
+    d28[6:8, 8:21] = 255
+    for y in range(8, 23):  # a 7: a bar and a slanted stem
+        d28[y, 19 - (y - 8) // 2 : 21 - (y - 8) // 2] = 255
+    return {
+        "sixteen-bit.png": corpus.png_16bit(d28, rng),
+        "alpha-only.png": corpus.alpha_only(d28, rng),
+        "scan.bmp": corpus.bmp(d28, rng),
+        "scan.tiff": corpus.tiff(d28, rng),
+        "drawing.webp": corpus.webp(d28, rng),
+        "really-a-webp.png": corpus.webp(d28, rng),
+        "mnist.png": corpus.mnist_28(d28, rng),
+    }
+
+
+def _tree_peak_rss_mb(pid: int) -> float:
+    def hwm(p: int) -> int:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        return 0
+
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return (hwm(pid) + sum(hwm(int(k)) for k in kids)) / 1024
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
-def test_hostile_names_and_special_files_never_stop_the_service(
+def test_hostile_files_and_names_never_stop_the_service(
     folders: tuple[Path, Path], tmp_path: Path
 ) -> None:
     inbox, outbox = folders
     outside = tmp_path / "secret.png"
     outside.write_bytes(digit_png(5))
-    d = DaemonProcess(inbox, outbox)
-    odd = [
+    hostile = {f"{k}.png": v for k, v in corpus.hostile().items()}
+    odd_formats = _odd_formats()
+    odd_names = [
         "with space.png",
         "ünïcödé-数字.png",
         'comma,and,quote".png',
@@ -105,27 +139,90 @@ def test_hostile_names_and_special_files_never_stop_the_service(
         "-leading-dash.png",
         "semi;colon 'single'.png",
     ]
+    d = DaemonProcess(inbox, outbox)
     try:
         d.wait_ready()
         os.mkfifo(inbox / "fifo.png")
         (inbox / "link.png").symlink_to(outside)
         (inbox / "folder.png").mkdir()
-        for i, n in enumerate(odd):
+        with (inbox.parent / "huge.png").open("wb") as f:
+            f.truncate(120 * 1024 * 1024)  # sparse: over the 50 MB limit, never read
+        (inbox.parent / "huge.png").rename(inbox / "huge.png")
+        for name, data in {**hostile, **odd_formats}.items():
+            drop(inbox, name, data)
+        for i, n in enumerate(odd_names):
             drop(inbox, n, digit_png(i))
-        drop(inbox, "text.png", b"this is not an image\n")
-        wait_for(lambda: len(csv_rows(outbox)) == len(odd) + 1, 15, "every odd name answered")
+        total = len(hostile) + len(odd_formats) + len(odd_names) + 1
+        wait_for(lambda: len(csv_rows(outbox)) == total, 30, "every file answered")
+        t0 = time.monotonic()
         drop(inbox, "after.png", digit_png(9))
-        wait_for(lambda: len(csv_rows(outbox)) == len(odd) + 2, 5, "answered at once after")
+        wait_for(lambda: len(csv_rows(outbox)) == total + 1, 5, "answered at once after")
+        assert time.monotonic() - t0 < 2, "the service is responsive after the hostile files"
         # The FIFO, the symlink and the folder are left in place, never opened or followed.
         assert (inbox / "fifo.png").exists() and (inbox / "link.png").is_symlink()
         assert (inbox / "folder.png").is_dir()
         assert outside.read_bytes() == digit_png(5)
+        assert _tree_peak_rss_mb(d.proc.pid) < 1024
     finally:
         assert d.stop() == 0, d.log.read_text()
-    assert_exactly_once(outbox, {*odd, "text.png", "after.png"})
-    by_input = {r["input"]: r for r in results(outbox)}
-    assert by_input["text.png"]["status"] == "error"
-    assert str(by_input["text.png"]["error"]).startswith("not an image in a supported format")
-    assert all(by_input[n]["status"] == "ok" for n in odd)
-    assert [p.name.split("~", 1)[1] for p in state(inbox, "failed")] == ["text.png"]
+    errors = {*hostile, "huge.png"}
+    assert_exactly_once(outbox, {*errors, *odd_formats, *odd_names, "after.png"})
+    by_input = {str(r["input"]): r for r in results(outbox)}
+    for name in errors:
+        r = by_input[name]
+        assert r["status"] == "error", (name, r)
+        message = str(r["error"])
+        assert message and "Traceback" not in message and len(message) < 200, (name, message)
+    assert "over the limit" in str(by_input["huge.png"]["error"])
+    for name in [*odd_formats, *odd_names, "after.png"]:
+        assert by_input[name]["status"] == "ok", (name, by_input[name])
+    failed = {p.name.split("~", 1)[1] for p in state(inbox, "failed")}
+    assert failed == errors, "every broken file is kept, in failed/"
+    assert by_input["new\nline.png"]["input"] == "new\nline.png"
+    rows = {r["input"] for r in csv_rows(outbox)}
+    assert 'comma,and,quote".png' in rows and "new\nline.png" in rows, "RFC 4180 quoting"
     shutil.rmtree(inbox / "folder.png")
+
+
+def test_an_event_storm_beyond_the_inotify_queue_is_answered_once(
+    folders: tuple[Path, Path],
+) -> None:
+    """50,000 files at once: inotify drops events past its queue and a rescan finds them."""
+    inbox, outbox = folders
+    n = 50_000
+    queue_max = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    assert n > queue_max, "the storm must overflow the queue to test anything"
+    staging = inbox.parent / "staging"
+    staging.mkdir()
+    data = digit_png(3)
+    names = [f"s{i:05d}.png" for i in range(n)]
+    for name in names:
+        (staging / name).write_bytes(data)
+    d = DaemonProcess(inbox, outbox)
+    try:
+        d.wait_ready()
+        # Stopped, the daemon reads no event while they pile up: the queue overflows.
+        d.signal(signal.SIGSTOP)
+        try:
+            for name in names:
+                (staging / name).rename(inbox / name)
+        finally:
+            d.signal(signal.SIGCONT)
+        wait_for(lambda: _csv_count(outbox) >= n, 240, "every file answered")
+        wait_for(lambda: not state(inbox, "work"), 10, "nothing left claimed")
+    finally:
+        assert d.stop(30) == 0, d.log.read_text()[-2000:]
+    assert "overflowed" in d.log.read_text(), "the queue did overflow"
+    rows = csv_rows(outbox)
+    assert sorted(r["input"] for r in rows) == names, "each file once in the CSV"
+    jsons = [p for p in outbox.iterdir() if p.name.endswith(".json")]
+    assert len(jsons) == n
+    assert len({p.name.split(".", 1)[0] for p in jsons}) == n
+
+
+def _csv_count(outbox: Path) -> int:
+    try:
+        with (outbox / "results.csv").open("rb") as f:
+            return max(0, sum(1 for _ in f) - 1)
+    except FileNotFoundError:
+        return 0
