@@ -17,6 +17,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -599,4 +600,9 @@ def hostile(seed: int = 0) -> dict[str, bytes]:
         "jpeg_marker_random": b"\xff\xd8\xff"
         + rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
         "png_bomb_900mp": png_bomb(30_000, 30_000),
+        # Inputs `make fuzz` found (tests/fuzz_decode.py), kept as they were found.
+        **{
+            f"fuzz_{p.stem}": p.read_bytes()
+            for p in sorted((Path(__file__).parent / "fuzz_regressions").iterdir())
+        },
     }
