@@ -41,7 +41,7 @@ fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
 	mkdir -p $(FUZZ_OUT)
 	$(BIN)/python tests/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
-		-rss_limit_mb=1024 -malloc_limit_mb=1024 -artifact_prefix=$(FUZZ_OUT)/ $(FUZZ_OUT)/corpus
+		-rss_limit_mb=2048 -malloc_limit_mb=1024 -artifact_prefix=$(FUZZ_OUT)/ $(FUZZ_OUT)/corpus
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

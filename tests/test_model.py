@@ -63,6 +63,18 @@ def test_tampered_bytes_are_refused(tmp_path: Path) -> None:
         load_weights(path)
 
 
+def test_truncated_file_is_refused_even_with_a_matching_hash(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    _save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match=r"w\.pt: sha256 .* does not match"):
+        load_weights(path)
+    _rewrite_with_hash(path, data[: len(data) // 2])  # as if the metadata were rewritten
+    with pytest.raises(WeightsError, match=r"w\.pt: "):
+        load_weights(path)
+
+
 def _rewrite_with_hash(path: Path, data: bytes) -> None:
     import hashlib
 
