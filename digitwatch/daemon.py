@@ -173,8 +173,8 @@ def _stamp() -> str:
     """processed_at, strictly increasing in this process.
 
     With `input` it names a CSV row on recovery. Two workers can stamp the same
-    microsecond, but never for the same input: a daemon does not claim an input name while
-    an earlier file of that name is still being answered (`Daemon._claim_batch`).
+    microsecond, but never for the same input: a daemon does not start an input name
+    while an earlier file of that name is still being answered (`Daemon._advance`).
     """
     global _last_us  # noqa: PLW0603 (one clock per process)
     _last_us = max(time.time_ns() // 1000, _last_us + 1)
@@ -185,9 +185,12 @@ def _stamp() -> str:
 class WriteJson:
     """The daemon's Finisher: stamp each record and write its JSON, in the worker.
 
-    Each input's tag is (JSON path, detected_at). The folder is made for results mirrored
-    from inbox subfolders (--recursive).
+    Each input's tag is (JSON path, detected_at). A missing folder below the outbox is
+    made (results mirrored from inbox subfolders, --recursive); a missing outbox is not
+    (an unmounted share): the error holds the batch until it is back.
     """
+
+    outbox: str
 
     def __call__(self, items: Sequence[Input], records: list[Record]) -> list[Record]:
         out = []
@@ -197,7 +200,10 @@ class WriteJson:
             try:
                 write_json_atomic(path, rec.to_json())
             except FileNotFoundError:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                folder = Path(path).parent
+                if folder == Path(self.outbox) or not Path(self.outbox).is_dir():
+                    raise
+                folder.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(path, rec.to_json())
             out.append(rec)
         return out
@@ -213,9 +219,6 @@ def _load_syncfs() -> Any:
 
 
 _syncfs = _load_syncfs()
-
-
-_WRITE_JSON = WriteJson()
 
 
 class Results:
@@ -314,6 +317,7 @@ class Daemon:
         self.pipeline = pipeline
         self.notifier = notifier
         self.results = Results(outbox, fsync=settings.fsync)
+        self.write_json = WriteJson(str(outbox))
         state = inbox / STATE_DIR
         self.work_root = state / "work"
         self.archive = {"ok": state / "processed", "failed": state / "failed"}
@@ -732,7 +736,7 @@ class Daemon:
             )
             for c in claims
         ]
-        return _Batch(claims, self.pipeline.submit(inputs, finish=_WRITE_JSON), t0)
+        return _Batch(claims, self.pipeline.submit(inputs, finish=self.write_json), t0)
 
     def _answer(self, batch: _Batch) -> None:
         """Collect a batch's records (each JSON is written) and append its CSV rows."""

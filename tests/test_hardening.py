@@ -226,3 +226,23 @@ def _csv_count(outbox: Path) -> int:
             return max(0, sum(1 for _ in f) - 1)
     except FileNotFoundError:
         return 0
+
+
+def test_a_vanished_outbox_holds_the_files_until_it_is_back(folders: tuple[Path, Path]) -> None:
+    """An unmounted share: nothing is written elsewhere, nothing lost, caught up after."""
+    inbox, outbox = folders
+    d = DaemonProcess(inbox, outbox, log=inbox.parent / "daemon.log")
+    try:
+        d.wait_ready()
+        outbox.rmdir()
+        names = [f"v{i}.png" for i in range(5)]
+        for i, n in enumerate(names):
+            drop(inbox, n, digit_png(i))
+        wait_for(lambda: d.has_event("outbox_unwritable"), 10, "the failure logged")
+        assert not outbox.exists(), "the outbox is not recreated behind the user's back"
+        assert d.proc.poll() is None
+        outbox.mkdir()
+        wait_for(lambda: len(csv_rows(outbox)) == len(names), 20, "caught up")
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+    assert_exactly_once(outbox, set(names))
