@@ -246,3 +246,30 @@ def test_a_vanished_outbox_holds_the_files_until_it_is_back(folders: tuple[Path,
     finally:
         assert d.stop() == 0, d.log.read_text()
     assert_exactly_once(outbox, set(names))
+
+
+def test_a_read_only_outbox_holds_the_files_until_it_is_writable(
+    tmp_path: Path, small_outbox: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outbox = small_outbox
+    d = DaemonProcess(inbox, outbox, log=tmp_path / "daemon.log")
+    remount = ["mount", "-o", "remount,{}", "dwtest", str(outbox)]
+    try:
+        d.wait_ready()
+        drop(inbox, "first.png", digit_png(0))
+        wait_for(lambda: len(csv_rows(outbox)) == 1, 10, "the first answer")
+        subprocess.run([a.format("ro") for a in remount], check=True)
+        names = [f"r{i}.png" for i in range(6)]
+        for i, n in enumerate(names):
+            drop(inbox, n, digit_png(i))
+        wait_for(lambda: d.has_event("outbox_unwritable"), 10, "the failure logged")
+        event = next(e for e in d.events() if e.get("event") == "outbox_unwritable")
+        assert "Read-only" in str(event["error"]), event
+        assert d.proc.poll() is None
+        subprocess.run([a.format("rw") for a in remount], check=True)
+        wait_for(lambda: len(csv_rows(outbox)) == len(names) + 1, 20, "caught up")
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+    assert_exactly_once(outbox, {"first.png", *names})

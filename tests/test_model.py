@@ -137,3 +137,20 @@ def test_error_messages_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(WeightsError) as info:
         load_weights(path)
     assert "\n" not in str(info.value)
+
+
+def test_no_code_unpickles_weights_outside_the_restricted_loader() -> None:
+    """Weights are read only by classify.load_weights: no torch.load, no weights_only=False."""
+    root = Path(__file__).resolve().parent.parent
+    sources = [p for d in ("digitwatch", "train", "benchmarks") for p in root.glob(f"{d}/*.py")]
+    assert len(sources) > 10
+    text = {p.relative_to(root): p.read_text() for p in sources}
+    calls = [
+        f"{p}: {line.strip()}"
+        for p, t in text.items()
+        for line in t.splitlines()
+        if "torch.load(" in line.split("#")[0].replace("`torch.load(", "")
+    ]
+    assert calls == [], f"torch.load outside the restricted loader: {calls}"
+    assert not [p for p, t in text.items() if "weights_only=False" in t]
+    assert "class _StateDictUnpickler" in text[Path("digitwatch/classify.py")]
