@@ -33,6 +33,11 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
+# One encoder for every record: json.dumps with separators builds a new one per call
+# (~5 of its ~18 us per record).
+_ENCODER = json.JSONEncoder(separators=(", ", ": "))
+
+
 @dataclass(frozen=True)
 class Record:
     """One answer per input; the same schema for `predict` and `run` (README: Result record)."""
@@ -69,7 +74,7 @@ class Record:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(", ", ": "))
+        return _ENCODER.encode(self.to_dict())
 
     def csv_fields(self) -> list[str]:
         def fmt(v: Any) -> str:
