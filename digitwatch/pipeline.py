@@ -353,7 +353,7 @@ class Pipeline:
                 status = "no_digit"
             else:
                 row = rows[by_name[id(p)]]
-                digit = max(range(10), key=row.__getitem__)
+                digit = max(range(len(row)), key=row.__getitem__)  # the first highest
                 probabilities = [round(v, 6) for v in row]
                 confidence = probabilities[digit]
             rec = Record(
