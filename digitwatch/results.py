@@ -106,14 +106,14 @@ def write_json_atomic(path: str | Path, text: str, *, tmp_prefix: str = ".tmp-")
     tmp = f"{folder}/{tmp_prefix}{name}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        data = (text + "\n").encode()
-        if os.write(fd, data) != len(data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
-        os.close(fd)
+        try:
+            data = (text + "\n").encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+        finally:
+            os.close(fd)  # once: a second close could hit a descriptor reused meanwhile
         os.replace(tmp, path)  # noqa: PTH105
     except OSError:
-        with contextlib.suppress(OSError):
-            os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)  # noqa: PTH108 (no partial file left behind: a full disk)
         raise
