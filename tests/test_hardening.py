@@ -259,7 +259,9 @@ def test_a_read_only_outbox_holds_the_files_until_it_is_writable(
     try:
         d.wait_ready()
         drop(inbox, "first.png", digit_png(0))
-        wait_for(lambda: len(csv_rows(outbox)) == 1, 10, "the first answer")
+        # Archived means settled: results.csv is closed again, and a remount to read-only
+        # fails with EBUSY while a file is open for writing on it.
+        wait_for(lambda: len(state(inbox, "processed")) == 1, 10, "the first answer settled")
         subprocess.run([a.format("ro") for a in remount], check=True)
         names = [f"r{i}.png" for i in range(6)]
         for i, n in enumerate(names):
