@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,18 +75,6 @@ class _Prepared:
     image: Gray | None
     error: str | None
     ms: float
-
-
-def read_input(path: Path, limits: Limits) -> Input:
-    """Read a file's bytes for the pipeline, refusing oversized files before reading them."""
-    try:
-        with path.open("rb") as f:
-            size = Path(f.name).stat().st_size
-            if size > limits.max_bytes:
-                return Input(path.name, None, f"file is {size} bytes, over the limit")
-            return Input(path.name, f.read(limits.max_bytes + 1))
-    except OSError as e:
-        return Input(path.name, None, f"cannot read file: {e.strerror or e}")
 
 
 # Never follow a symlink, never block on a FIFO that replaced a claimed file.
@@ -152,7 +139,8 @@ def _worker_init(pipeline: Pipeline) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # One answer before the first real one, so the first file dropped does not pay for
-    # the decoders' and numpy's first-call setup in this process.
+    # the decoders' and numpy's first-call setup in this process (first file after
+    # start, drop to result: 5.8-8.7 ms without, 4.5-6.4 ms with; 4 runs each).
     pipeline.answer([Input("warm-up", data=_warm_up_image())])
 
 
@@ -189,7 +177,9 @@ def _answer_chunk(items: Sequence[Input], finish: Finisher | None) -> list[Resul
     return _WORKER.answer(items, finish, keep_images=False)
 
 
-def _crashed(item: Input) -> _Prepared:
+def _crashed(item: Input, limits: Limits) -> _Prepared:
+    if item.data is None and item.error is None and item.path is not None:
+        item = read_file(item, limits.max_bytes)  # the record still carries its sha256
     sha = hashlib.sha256(item.data).hexdigest() if item.data is not None else None
     return _Prepared(item.name, sha, None, None, None, "the decoder crashed on this file", 0.0)
 
@@ -269,7 +259,7 @@ class Pipeline:
             try:
                 out += pool.submit(_answer_chunk, [item], finish).result()
             except BrokenProcessPool:
-                results = self.classify([_crashed(item)])
+                results = self.classify([_crashed(item, self.limits)])
                 out += self._finish([item], results, finish, keep_images=False)
         self._renew_pool()
         return out

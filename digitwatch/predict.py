@@ -10,7 +10,7 @@ from pathlib import Path
 
 from digitwatch.classify import load_weights
 from digitwatch.codec import Limits, write_png
-from digitwatch.pipeline import Input, Pipeline, Result, read_input
+from digitwatch.pipeline import Input, Pipeline, Result
 from digitwatch.results import CSV_COLUMNS
 from digitwatch.settings import Settings
 
@@ -42,7 +42,9 @@ def predict_paths(
     ) as pipe:
         for i in range(0, len(files), CHUNK):
             chunk = files[i : i + CHUNK]
-            inputs: list[Input] = [read_input(p, limits) for p in chunk]
+            # Read by the pipeline (`read_file`: size limit, regular files only); resolved
+            # first, so a symlink named on the command line is followed.
+            inputs = [Input(p.name, path=str(p.resolve())) for p in chunk]
             out = pipe.run(inputs)
             if debug_dir is not None:
                 debug_dir.mkdir(parents=True, exist_ok=True)
