@@ -129,19 +129,15 @@ class Proc:
     ready: float  # seconds from spawn to ready
 
     def rss_peak_mb(self) -> float:
-        return _status_kb(self.popen.pid, "VmHWM") / 1024
+        return proc_status(self.popen.pid, "VmHWM") / 1024
 
     def tree_peak_mb(self) -> float:
         """Peak RSS of the process plus its child processes (digitwatch's workers)."""
-        pid = self.popen.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return self.rss_peak_mb() + sum(_status_kb(int(c), "VmHWM") for c in children) / 1024
+        return sum(proc_status(p, "VmHWM") for p in tree_pids(self.popen.pid)) / 1024
 
     def rss_mb(self) -> float:
         """Current RSS of the process and its workers together."""
-        pid = self.popen.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return sum(_status_kb(p, "VmRSS") for p in [pid, *map(int, children)]) / 1024
+        return sum(proc_status(p, "VmRSS") for p in tree_pids(self.popen.pid)) / 1024
 
     def stop(self) -> None:
         self.popen.send_signal(signal.SIGTERM)
@@ -152,7 +148,17 @@ class Proc:
             self.popen.wait()
 
 
-def _status_kb(pid: int, key: str) -> int:
+def tree_pids(pid: int) -> list[int]:
+    """The process and its child processes (digitwatch's workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *map(int, children)]
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A number field of /proc/PID/status (kB for the Vm* fields), 0 when absent."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
@@ -456,9 +462,10 @@ def main() -> None:
         pairs = [
             (burst(dw, blobs, ext), burst(start_baseline, blobs, ext)) for _ in range(args.repeat)
         ]
-        ratios = sorted(d["rate"] / b["rate"] for d, b in pairs)
-        d, b = pairs[[d["rate"] / b["rate"] for d, b in pairs].index(ratios[len(ratios) // 2])]
-        spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+        pairs.sort(key=lambda pair: pair[0]["rate"] / pair[1]["rate"])
+        d, b = pairs[len(pairs) // 2]  # the median pair
+        lo, hi = (pairs[i][0]["rate"] / pairs[i][1]["rate"] for i in (0, -1))
+        spread = f" ({lo:.2f}-{hi:.2f})" if len(pairs) > 1 else ""
         print(
             f"| burst {n} x {kind} | {d['rate']:.0f}/s | {b['rate']:.0f}/s "
             f"| {d['rate'] / b['rate']:.2f}x{spread} "

@@ -24,30 +24,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import corpus  # noqa: E402
-from bench_daemon import Arrivals, bench_parent, start_digitwatch, workload  # noqa: E402
-
-
-def _tree(pid: int) -> list[int]:
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        kids = []
-    return [pid, *map(int, kids)]
-
-
-def _status(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
+from bench_daemon import (  # noqa: E402
+    Arrivals,
+    bench_parent,
+    proc_status,
+    start_digitwatch,
+    tree_pids,
+    workload,
+)
 
 
 def sample(pid: int) -> dict[str, float]:
-    pids = _tree(pid)
+    pids = tree_pids(pid)
     return {
-        "rss_mb": sum(_status(p, "VmRSS") for p in pids) / 1024,
+        "rss_mb": sum(proc_status(p, "VmRSS") for p in pids) / 1024,
         "fds": sum(sum(1 for _ in Path(f"/proc/{p}/fd").iterdir()) for p in pids),
-        "threads": sum(_status(p, "Threads") for p in pids),
+        "threads": sum(proc_status(p, "Threads") for p in pids),
         "processes": len(pids),
     }
 

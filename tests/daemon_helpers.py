@@ -55,6 +55,20 @@ def drop(inbox: Path, name: str, data: bytes, *, staging: Path | None = None) ->
     return target
 
 
+def stage(inbox: Path, files: dict[str, bytes]) -> Path:
+    """Write `files` into staging/ beside the inbox, to be renamed in at once (a burst)."""
+    staging = inbox.parent / "staging"
+    staging.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (staging / name).write_bytes(data)
+    return staging
+
+
+def children(pid: int) -> list[int]:
+    """The process's child processes (the daemon's workers)."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def results(outbox: Path) -> list[dict[str, object]]:
     return [json.loads(p.read_text()) for p in sorted(outbox.rglob("*.json"))]
 

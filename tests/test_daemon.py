@@ -15,7 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_helpers import DaemonProcess, csv_rows, digit_png, drop, results, wait_for
+from daemon_helpers import (
+    DaemonProcess,
+    children,
+    csv_rows,
+    digit_png,
+    drop,
+    results,
+    stage,
+    wait_for,
+)
 
 from digitwatch.daemon import Daemon, Results, _repair_tail
 from digitwatch.errors import ExitCode, WatcherDied
@@ -162,11 +171,8 @@ def test_sigkill_during_burst_then_restart_answers_each_exactly_once(
     folders: tuple[Path, Path],
 ) -> None:
     inbox, outbox = folders
-    staging = inbox.parent / "staging"
-    staging.mkdir()
     names = [f"k{i:03d}.png" for i in range(400)]
-    for i, n in enumerate(names):
-        (staging / n).write_bytes(digit_png(i, blank=i % 7 == 0))
+    staging = stage(inbox, {n: digit_png(i, blank=i % 7 == 0) for i, n in enumerate(names)})
     kills = 0
     for round_ in range(2):
         d = DaemonProcess(inbox, outbox, "--batch-size", "8")
@@ -196,11 +202,8 @@ def test_sigkill_during_burst_then_restart_answers_each_exactly_once(
 
 def test_two_daemons_on_one_inbox_never_answer_twice(folders: tuple[Path, Path]) -> None:
     inbox, outbox = folders
-    staging = inbox.parent / "staging"
-    staging.mkdir()
     names = [f"t{i:03d}.png" for i in range(400)]
-    for i, n in enumerate(names):
-        (staging / n).write_bytes(digit_png(i))
+    staging = stage(inbox, {n: digit_png(i) for i, n in enumerate(names)})
     a = DaemonProcess(inbox, outbox, "--batch-size", "4")
     b = DaemonProcess(inbox, outbox, "--batch-size", "4")
     try:
@@ -443,11 +446,8 @@ def test_a_dead_observer_thread_stops_the_service(
 
 def test_a_survivor_adopts_a_killed_peers_claims(folders: tuple[Path, Path]) -> None:
     inbox, outbox = folders
-    staging = inbox.parent / "staging"
-    staging.mkdir()
     names = [f"s{i:03d}.png" for i in range(300)]
-    for i, n in enumerate(names):
-        (staging / n).write_bytes(digit_png(i))
+    staging = stage(inbox, {n: digit_png(i) for i, n in enumerate(names)})
     a = DaemonProcess(inbox, outbox, "--batch-size", "8")
     b = DaemonProcess(inbox, outbox, "--batch-size", "8", "--rescan-interval", "0.5")
     try:
@@ -482,22 +482,16 @@ def test_on_success_delete_removes_answered_inputs_but_keeps_failures(
     assert [p.name.split("~")[1] for p in state(inbox, "failed")] == ["bad.png"]
 
 
-def _workers(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def test_a_worker_killed_mid_batch_costs_no_file(folders: tuple[Path, Path]) -> None:
     """The OOM killer or a decoder crash takes a worker: its files are answered again."""
     inbox, outbox = folders
-    staging = inbox.parent / "staging"
-    staging.mkdir()
     names = [f"big{i:02d}.png" for i in range(24)]
-    for i, n in enumerate(names):
-        (staging / n).write_bytes(digit_png(i, size=1400))  # ~10 ms each to prepare
+    # ~10 ms each to prepare
+    staging = stage(inbox, {n: digit_png(i, size=1400) for i, n in enumerate(names)})
     d = DaemonProcess(inbox, outbox, "--batch-size", "24", "--max-delay-ms", "200")
     try:
         d.wait_ready()
-        workers = _workers(d.proc.pid)
+        workers = children(d.proc.pid)
         assert len(workers) == 2, workers
         for n in names:
             (staging / n).rename(inbox / n)
@@ -506,7 +500,7 @@ def test_a_worker_killed_mid_batch_costs_no_file(folders: tuple[Path, Path]) -> 
         wait_for(lambda: len(csv_rows(outbox)) >= len(names), 60, "every file answered")
         drop(inbox, "after.png", digit_png(99))  # the service still answers new files
         wait_for(lambda: len(csv_rows(outbox)) == len(names) + 1, 10, "a file after the kill")
-        assert sorted(_workers(d.proc.pid)) != sorted(workers), "the pool was renewed"
+        assert sorted(children(d.proc.pid)) != sorted(workers), "the pool was renewed"
     finally:
         assert d.stop() == 0, d.log.read_text()
     assert_exactly_once(outbox, {*names, "after.png"})

@@ -15,7 +15,16 @@ from pathlib import Path
 import corpus
 import numpy as np
 import pytest
-from daemon_helpers import DaemonProcess, csv_rows, digit_png, drop, results, wait_for
+from daemon_helpers import (
+    DaemonProcess,
+    children,
+    csv_rows,
+    digit_png,
+    drop,
+    results,
+    stage,
+    wait_for,
+)
 from test_daemon import assert_exactly_once, state
 
 pytestmark = pytest.mark.slow
@@ -118,8 +127,7 @@ def _tree_peak_rss_mb(pid: int) -> float:
                 return int(line.split()[1])
         return 0
 
-    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return (hwm(pid) + sum(hwm(int(k)) for k in kids)) / 1024
+    return sum(hwm(p) for p in [pid, *children(pid)]) / 1024
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
@@ -192,12 +200,9 @@ def test_an_event_storm_beyond_the_inotify_queue_is_answered_once(
     n = 50_000
     queue_max = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
     assert n > queue_max, "the storm must overflow the queue to test anything"
-    staging = inbox.parent / "staging"
-    staging.mkdir()
     data = digit_png(3)
     names = [f"s{i:05d}.png" for i in range(n)]
-    for name in names:
-        (staging / name).write_bytes(data)
+    staging = stage(inbox, dict.fromkeys(names, data))
     d = DaemonProcess(inbox, outbox)
     try:
         d.wait_ready()
