@@ -383,7 +383,7 @@ def deskew(img: Gray) -> Gray:
     largest variation left in a mass-centred digit, and an MLP has no tolerance for it.
     """
     m = cv2.moments(img)
-    if abs(m["mu02"]) < 1e-2:
+    if m["m00"] <= 0:
         return img
     return _shear(img, m["mu11"], m["mu02"], m["m01"] / m["m00"])
 
