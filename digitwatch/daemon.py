@@ -49,6 +49,7 @@ import structlog
 from digitwatch.classify import load_weights
 from digitwatch.codec import Limits
 from digitwatch.errors import FolderError, WatcherDied
+from digitwatch.logs import info_lines
 from digitwatch.pipeline import Input, Pipeline, Result
 from digitwatch.results import Record, csv_lines, write_json_atomic
 from digitwatch.sdnotify import Notifier
@@ -827,19 +828,22 @@ class Daemon:
 
     def _archive_batch(self, batch: _Settle) -> None:
         records = batch.records
+        lines = []
         for c, rec in zip(batch.claims, records, strict=True):
             self._archive(c, rec.status)
             self.counts[rec.status] += 1
-            log.info(
-                "image",
-                input=rec.input,
-                status=rec.status,
-                digit=rec.digit,
-                confidence=rec.confidence,
-                ms=rec.elapsed_ms,
-                error=rec.error,
-                claim=c.claim_id,
+            lines.append(
+                {
+                    "input": rec.input,
+                    "status": rec.status,
+                    "digit": rec.digit,
+                    "confidence": rec.confidence,
+                    "ms": rec.elapsed_ms,
+                    "error": rec.error,
+                    "claim": c.claim_id,
+                }
             )
+        info_lines("image", lines)
         log.info(
             "batch",
             files=len(records),

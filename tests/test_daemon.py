@@ -120,6 +120,19 @@ def test_rename_in_slow_copy_and_part_each_answered_once_and_whole(
     assert left == never | {".digitwatch"}
     skipped = {e["input"] for e in d.events() if e.get("event") == "skipped"}
     assert skipped == {"pipe.png", "link.png", long_name}
+    # One log event per image, with the answer it gave.
+    images = [e for e in d.events() if e.get("event") == "image"]
+    assert sorted(str(e["input"]) for e in images) == sorted(names)
+    for e in images:
+        answer = by_name[str(e["input"])]
+        assert e["level"] == "info" and str(e["timestamp"]).endswith("Z"), e
+        assert (e["status"], e["digit"], e["confidence"]) == (
+            answer["status"],
+            answer["digit"],
+            answer["confidence"],
+        )
+        assert e["ms"] == answer["elapsed_ms"] and e["error"] == answer["error"]
+    assert d.has_event("batch")
 
 
 def test_same_name_twice_gives_two_results(folders: tuple[Path, Path]) -> None:
