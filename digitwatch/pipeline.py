@@ -331,7 +331,11 @@ class Pipeline:
         )
         share = (time.perf_counter() - t0) * 1000 / max(1, len(ready))
         by_name = {id(p): i for i, p in enumerate(ready)}
-        rows = probs.tolist()  # Python floats at once: numpy scalars one by one cost ~10x
+        digits = probs.argmax(axis=1).tolist()  # the first highest
+        # Six decimals for the whole batch at once, and Python floats at once (one by one,
+        # round() and numpy scalars cost ~10 us per record). Bit-identical to round(v, 6):
+        # a float32 times 1e6 is exact in float64, so rint sees the exact decimal value.
+        rows = np.round(probs.astype(np.float64), 6).tolist()
         results = []
         for p in prepared:
             elapsed = round(p.ms + (share if id(p) in by_name else 0.0), 3)
@@ -342,9 +346,8 @@ class Pipeline:
             elif p.image is None:
                 status = "no_digit"
             else:
-                row = rows[by_name[id(p)]]
-                digit = max(range(len(row)), key=row.__getitem__)  # the first highest
-                probabilities = [round(v, 6) for v in row]
+                i = by_name[id(p)]
+                digit, probabilities = digits[i], rows[i]
                 confidence = probabilities[digit]
             rec = Record(
                 input=p.name,
