@@ -194,19 +194,18 @@ class WriteJson:
     outbox: str
 
     def __call__(self, items: Sequence[Input], records: list[Record]) -> list[Record]:
-        out = []
-        for item, record in zip(items, records, strict=True):
-            path, detected_at = item.tag
-            rec = record.stamped(detected_at, _stamp())
+        # Texts first, then files: one stage at a time keeps each in the caches.
+        out = [r.stamped(item.tag[1], _stamp()) for item, r in zip(items, records, strict=True)]
+        for item, rec in zip(items, [r.to_json() for r in out], strict=True):
+            path = item.tag[0]
             try:
-                write_json_atomic(path, rec.to_json())
+                write_json_atomic(path, rec)
             except FileNotFoundError:
                 folder = Path(path).parent
                 if folder == Path(self.outbox) or not Path(self.outbox).is_dir():
                     raise
                 folder.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(path, rec.to_json())
-            out.append(rec)
+                write_json_atomic(path, rec)
         return out
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from digitwatch.classify import Classifier, Weights
-from digitwatch.codec import Gray, Limits, decode_with_header, encode_png
+from digitwatch.codec import Gray, Header, Limits, decode_with_header, encode_png
 from digitwatch.errors import InputError
 from digitwatch.preprocess import to_mnist
 from digitwatch.results import Record, Status
@@ -150,31 +150,98 @@ def _warm_up_image() -> bytes:
     return encode_png(img)
 
 
-def _prepare(item: Input, limits: Limits) -> _Prepared:
+# A chunk is prepared one stage at a time over a run of files (read and hash them all,
+# then decode them all, then preprocess them all), so each stage's code and tables stay
+# in the CPU caches from one file to the next instead of being evicted by the other
+# stages' (28x28 PNG, read to 28x28 image: 134 -> 103 us per file). A run ends after
+# _RUN_BYTES read, and its decoding pauses for preprocessing after _RUN_PIXELS, so a
+# run holds a few MB however large its files are.
+_RUN_BYTES = 4 << 20
+_RUN_PIXELS = 4 << 20
+
+
+@dataclass
+class _Work:
+    """One file on its way through `_prepare_all`."""
+
+    name: str
+    data: bytes | None
+    error: str | None
+    sha256: str | None = None
+    gray: Gray | None = None
+    head: Header | None = None
+    seconds: float = 0.0
+
+
+def _prepare_all(items: Sequence[Input], limits: Limits) -> list[_Prepared]:
+    out: list[_Prepared] = []
+    i = 0
+    while i < len(items):
+        run: list[_Work] = []
+        held = 0
+        while i < len(items) and held < _RUN_BYTES:
+            run.append(_read(items[i], limits))
+            held += len(run[-1].data or b"")
+            i += 1
+        j = 0
+        while j < len(run):
+            k, pixels = j, 0
+            while k < len(run) and pixels < _RUN_PIXELS:
+                pixels += _decode(run[k], limits)
+                k += 1
+            out += [_preprocess(w) for w in run[j:k]]
+            j = k
+    return out
+
+
+def _read(item: Input, limits: Limits) -> _Work:
     t0 = time.perf_counter()
     if item.data is None and item.error is None and item.path is not None:
         item = read_file(item, limits.max_bytes)
-    sha = hashlib.sha256(item.data).hexdigest() if item.data is not None else None
-    width = height = None
-    image = None
-    error = item.error
+    w = _Work(item.name, item.data, item.error)
     if item.data is not None:
+        w.sha256 = hashlib.sha256(item.data).hexdigest()
+    w.seconds = time.perf_counter() - t0
+    return w
+
+
+def _decode(w: _Work, limits: Limits) -> int:
+    """Decode `w` in place; return the pixels it now holds."""
+    if w.data is None:
+        return 0
+    t0 = time.perf_counter()
+    try:
+        # The header's size, not the array's: large JPEGs are decoded reduced.
+        w.gray, w.head = decode_with_header(w.data, limits)
+    except Exception as e:  # one bad file must never stop a batch
+        w.error = _reason(e)
+    w.data = None
+    w.seconds += time.perf_counter() - t0
+    return 0 if w.gray is None else w.gray.size
+
+
+def _preprocess(w: _Work) -> _Prepared:
+    t0 = time.perf_counter()
+    image = None
+    if w.gray is not None:
         try:
-            # The header's size, not the array's: large JPEGs are decoded reduced.
-            gray, head = decode_with_header(item.data, limits)
-            width, height = head.width, head.height
-            image = to_mnist(gray)
-        except InputError as e:
-            error = str(e)
+            image = to_mnist(w.gray)
         except Exception as e:  # one bad file must never stop a batch
-            error = f"{type(e).__name__}: {e}"
-    return _Prepared(item.name, sha, width, height, image, error, (time.perf_counter() - t0) * 1000)
+            w.error = _reason(e)
+        w.gray = None
+    width, height = (w.head.width, w.head.height) if w.head is not None else (None, None)
+    ms = (w.seconds + time.perf_counter() - t0) * 1000
+    return _Prepared(w.name, w.sha256, width, height, image, w.error, ms)
 
 
-def _answer_chunk(items: Sequence[Input], finish: Finisher | None) -> list[Result]:
-    """A worker's task: answer its share of a batch; the images stay here."""
+def _reason(e: Exception) -> str:
+    return str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
+
+
+def _answer_chunk(items: Sequence[Input], finish: Finisher | None) -> list[Record]:
+    """A worker's task: answer its share of a batch; only the records travel back."""
     assert _WORKER is not None, "_answer_chunk runs in a worker process"
-    return _WORKER.answer(items, finish, keep_images=False)
+    return [r.record for r in _WORKER.answer(items, finish, keep_images=False)]
 
 
 def _crashed(item: Input, limits: Limits) -> _Prepared:
@@ -231,7 +298,7 @@ class Pipeline:
         self, items: Sequence[Input], finish: Finisher | None = None, *, keep_images: bool = True
     ) -> list[Result]:
         """Every stage for `items`, here: errors become records, never exceptions."""
-        results = self.classify([_prepare(i, self.limits) for i in items])
+        results = self.classify(_prepare_all(items, self.limits))
         return self._finish(items, results, finish, keep_images)
 
     def _finish(
@@ -257,7 +324,8 @@ class Pipeline:
         for item in items:
             pool = self._renew_pool()
             try:
-                out += pool.submit(_answer_chunk, [item], finish).result()
+                records = pool.submit(_answer_chunk, [item], finish).result()
+                out += [Result(r, None) for r in records]
             except BrokenProcessPool:
                 results = self.classify([_crashed(item, self.limits)])
                 out += self._finish([item], results, finish, keep_images=False)
@@ -307,7 +375,7 @@ class Pipeline:
             out: list[Result] = [None] * len(items)  # type: ignore[list-item]
             for i, (future, chunk) in enumerate(zip(futures, chunks, strict=True)):
                 try:
-                    out[i::n] = future.result()
+                    out[i::n] = [Result(r, None) for r in future.result()]
                 except BrokenProcessPool:
                     out[i::n] = self._one_by_one(chunk, finish)
             return out

@@ -13,6 +13,7 @@ import corpus
 import numpy as np
 import pytest
 
+from digitwatch import pipeline
 from digitwatch.classify import load_weights
 from digitwatch.codec import Limits
 from digitwatch.mnist import load_mnist
@@ -65,3 +66,39 @@ def test_generated_corpus_is_reproducible(mnist_test: tuple[np.ndarray, np.ndarr
     a = corpus.make_kind("photo_ruled", images[:3], labels[:3], seed=0)
     b = corpus.make_kind("photo_ruled", images[:3], labels[:3], seed=0)
     assert [s.data for s in a] == [s.data for s in b]
+
+
+def test_runs_of_any_size_give_the_same_answers_in_order(
+    pipe: Pipeline,
+    mnist_test: tuple[np.ndarray, np.ndarray],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunk is prepared stage by stage over runs; where a run ends changes no answer."""
+    images, labels = mnist_test
+    idx = corpus.pick(labels, 4, seed=1)
+    files = {
+        s.name: s.data
+        for k in ("photo_ruled", "scan_16", "mnist_28")
+        for s in corpus.make_kind(k, images[idx], labels[idx], seed=1)
+    }
+    files |= corpus.hostile()
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    inputs = [Input(n, path=str(tmp_path / n)) for n in sorted(files)]
+    inputs.insert(3, Input("missing.png", path=str(tmp_path / "missing.png")))
+
+    def answers() -> list[tuple[object, ...]]:
+        return [
+            (r.record.input, r.record.sha256, r.record.status, r.record.digit, r.record.error)
+            for r in pipe.run(inputs)
+        ]
+
+    whole = answers()
+    monkeypatch.setattr(pipeline, "_RUN_BYTES", 1)
+    monkeypatch.setattr(pipeline, "_RUN_PIXELS", 1)
+    assert answers() == whole
+    assert [a[0] for a in whole] == [i.name for i in inputs]
+    statuses = {a[0]: a[2] for a in whole}
+    assert statuses["missing.png"] == "error" and statuses["empty"] == "error"
+    assert sum(s == "ok" for s in statuses.values()) >= 12
