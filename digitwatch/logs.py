@@ -13,7 +13,9 @@ import structlog
 _json_lines: bool | None = None
 _level = logging.INFO
 _TIMESTAMPER = structlog.processors.TimeStamper(fmt="iso", utc=True)
-_ENCODER = json.JSONEncoder()  # json.dumps's defaults, as structlog's JSONRenderer uses
+# json.dumps's defaults, as structlog's JSONRenderer uses; like its fallback, anything
+# JSON has no type for is written as its repr rather than failing the batch's lines.
+_ENCODER = json.JSONEncoder(default=repr)
 
 
 def configure(log_format: str = "auto", level: str = "info") -> None:
