@@ -3,7 +3,8 @@
 Starts the daemon under `py-spy record` (pip install py-spy), renames N 28x28 PNGs into
 its inbox, waits for every result, stops it, and folds the sampled stacks into stages:
 CPU microseconds per image, by thread and by stage (the innermost matching frame wins).
-Usage: python benchmarks/profile_daemon.py [-n 5000] [--rate 500] [--daemon-args "..."]
+Usage: python benchmarks/profile_daemon.py [-n 5000] [--kind png28|jpeg640|jpeg12mp]
+       [--rate 500] [--daemon-args "..."]
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import STUB_PREPROCESS, Arrivals, bench_parent, create_cost_us, workload  # noqa: E402
+from bench_daemon import (  # noqa: E402
+    STUB_PREPROCESS,
+    Arrivals,
+    bench_parent,
+    clean_start,
+    create_cost_us,
+    workload,
+)
 
 # (stage, substring of a "function (file:line)" frame); checked innermost frame first.
 STAGES = [
@@ -107,6 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=5000)
     ap.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
+    ap.add_argument("--kind", default="png28", choices=["png28", "jpeg640", "jpeg12mp"])
     ap.add_argument("--daemon-args", default="")
     ap.add_argument(
         "--stub-preprocess",
@@ -117,15 +126,17 @@ def main() -> None:
     ap.add_argument("--log", type=Path, help="save the daemon's JSON log lines here")
     args = ap.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    blobs = workload("png28", args.n)
+    blobs = workload(args.kind, args.n)
     root = Path(tempfile.mkdtemp(prefix="prof-", dir=bench_parent()))
     try:
         stage, inbox, outbox = (root / s for s in ("stage", "inbox", "outbox"))
         for d in (stage, inbox, outbox):
             d.mkdir()
-        names = [f"img{i:06d}.png" for i in range(args.n)]
+        ext = "png" if args.kind == "png28" else "jpg"
+        names = [f"img{i:06d}.{ext}" for i in range(args.n)]
         for name, blob in zip(names, blobs, strict=True):
             (stage / name).write_bytes(blob)
+        clean_start()
         print(f"creating a small file here: {create_cost_us(outbox):.0f} us (median)")
         sock_path = root / "notify.sock"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -141,14 +141,40 @@ def _lines(mask: Gray) -> Gray:
         if not horizontal:
             along, across, run = along[::-1], across[::-1], run[::-1]
         smeared = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_RECT, across))
-        band = cv2.morphologyEx(
-            smeared, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, along)
-        )
+        band = open_line(np.asarray(smeared, np.uint8), max(along), horizontal=horizontal)
+        if band is None:
+            continue  # nothing runs across: no line this way
         thick = cv2.morphologyEx(
             mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, run)
         )
         thin = cv2.subtract(mask, thick)
         out |= np.asarray(cv2.bitwise_and(thin, band), np.uint8)
+    return out
+
+
+def open_line(mask: Gray, length: int, *, horizontal: bool) -> Gray | None:
+    """cv2.morphologyEx(mask, MORPH_OPEN, a `length`-pixel line), or None when it is empty.
+
+    The opening is computed only on the rows (or columns) that can keep a pixel: the
+    erosion keeps a pixel only when every pixel of its window, clipped to the image, is
+    set, so a row with fewer set pixels than the shortest clipped window keeps none, and
+    a line kernel never mixes rows. A page-long opening cost ~1 ms on a 400x300 photo;
+    most photos have no row to open at all, and ruled paper a few.
+    """
+    n = mask.shape[1] if horizontal else mask.shape[0]
+    start = np.arange(n) - length // 2  # OpenCV's anchor: the window starts length // 2 before
+    shortest = int((np.clip(start + length, 0, n) - np.clip(start, 0, n)).min())
+    rows = np.flatnonzero(np.count_nonzero(mask, axis=1 if horizontal else 0) >= shortest)
+    if rows.size == 0:
+        return None
+    size = (length, 1) if horizontal else (1, length)
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, size)
+    out = np.zeros_like(mask)
+    if horizontal:
+        out[rows] = cv2.morphologyEx(np.ascontiguousarray(mask[rows]), cv2.MORPH_OPEN, kernel)
+    else:
+        part = np.ascontiguousarray(mask[:, rows])
+        out[:, rows] = cv2.morphologyEx(part, cv2.MORPH_OPEN, kernel)
     return out
 
 

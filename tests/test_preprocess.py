@@ -153,3 +153,27 @@ def test_odd_shapes_never_raise(shape: tuple[int, int]) -> None:
     for img in (rng.integers(0, 256, shape, dtype=np.uint8), np.zeros(shape, np.uint8), line):
         out = to_mnist(img)
         assert out is None or (out.shape == (28, 28) and out.dtype == np.uint8)
+
+
+def test_open_line_is_opencvs_opening_exactly() -> None:
+    """open_line opens only the rows (columns) that can keep a pixel; nothing else may change."""
+    rng = np.random.default_rng(0)
+    empty = 0
+    for trial in range(800):
+        h, w = (int(v) for v in rng.integers(1, 50, 2))
+        mask = ((rng.random((h, w)) < rng.random()) * 255).astype(np.uint8)
+        if trial % 2 == 0:
+            mask[rng.integers(0, h), rng.integers(0, w) :] = 255  # a line from the middle out
+            mask[: rng.integers(0, h + 1), rng.integers(0, w)] = 255
+        for horizontal in (True, False):
+            length = int(rng.integers(1, 2 * (w if horizontal else h) + 3))
+            size = (length, 1) if horizontal else (1, length)
+            kernel = cv2.getStructuringElement(cv2.MORPH_RECT, size)
+            expected = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+            got = preprocess.open_line(mask, length, horizontal=horizontal)
+            if got is None:
+                empty += 1
+                assert not expected.any(), (h, w, length, horizontal)
+            else:
+                assert np.array_equal(got, expected), (h, w, length, horizontal)
+    assert 100 < empty < 1500  # both branches ran
