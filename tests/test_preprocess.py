@@ -177,3 +177,20 @@ def test_open_line_is_opencvs_opening_exactly() -> None:
             else:
                 assert np.array_equal(got, expected), (h, w, length, horizontal)
     assert 100 < empty < 1500  # both branches ran
+
+
+def test_16_bit_component_labels_are_the_32_bit_ones() -> None:
+    """_select asks OpenCV for 16-bit labels (a faster algorithm): the same answer, exactly."""
+    rng = np.random.default_rng(1)
+    for trial in range(500):
+        h, w = (int(v) for v in rng.integers(1, 120, 2))
+        mask = ((rng.random((h, w)) < rng.random()) * 255).astype(np.uint8)
+        if trial % 2:
+            mask = cv2.dilate(mask, np.ones((3, 3), np.uint8))
+        n32, lab32, st32, c32 = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        n16, lab16, st16, c16 = cv2.connectedComponentsWithStats(
+            mask, connectivity=8, ltype=cv2.CV_16U
+        )
+        assert n16 == n32 and lab16.dtype == np.uint16
+        assert np.array_equal(lab16, lab32) and np.array_equal(st16, st32)
+        assert np.array_equal(c16, c32, equal_nan=True)
