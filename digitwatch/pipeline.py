@@ -117,6 +117,8 @@ def read_file(item: Input, limit: int) -> Input:
 Finisher = Callable[[Sequence[Input], list[Record]], list[Record]]
 
 _PR_SET_PDEATHSIG = 1
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_KEEP_FREED = 16 << 20
 _CHUNK_BYTES = 4 << 20  # most input bytes sent to a worker in one task
 
 
@@ -135,9 +137,16 @@ def _worker_init(pipeline: Pipeline) -> None:
     # systemd and a terminal signal the whole group; the daemon answers its batch first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Exit with the parent even when it is SIGKILLed: no orphans holding memory.
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc = ctypes.CDLL(None)
+        # Exit with the parent even when it is SIGKILLed: no orphans holding memory.
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # Keep freed blocks up to _KEEP_FREED for the next file instead of handing them
+        # back to the kernel: every 12 MP photo's bytes and decoder buffers were fresh
+        # pages, faulted in and zeroed again (worker system time per photo 1.8 -> 0.6 ms).
+        # Larger blocks (a 40 MP image) still go back at once.
+        libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)
+        libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED)
     # One answer before the first real one, so the first file dropped does not pay for
     # the decoders' and numpy's first-call setup in this process (first file after
     # start, drop to result: 5.8-8.7 ms without, 4.5-6.4 ms with; 4 runs each).
