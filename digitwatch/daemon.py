@@ -663,15 +663,15 @@ class Daemon:
         batch is committed. Commit order per batch is unchanged, and batches commit in the
         order they were claimed.
         """
-        # An input name waits while a file of the same name is being answered, so the
-        # workers never stamp one name twice in the same microsecond (see _stamp).
-        names = {c.rel for b in self.inflight for c in b.claims}
         now: list[Claim] = []
-        later: list[Claim] = []
-        for c in claims:
-            (later if c.rel in names else now).append(c)
-            names.add(c.rel)
-        if later:
+        if claims:
+            # An input name waits while a file of the same name is being answered, so the
+            # workers never stamp one name twice in the same microsecond (see _stamp).
+            names = {c.rel for b in self.inflight for c in b.claims}
+            later: list[Claim] = []
+            for c in claims:
+                (later if c.rel in names else now).append(c)
+                names.add(c.rel)
             self.backlog[:0] = later  # claimed already: answered by the next batches
         if now:
             self.inflight.append(self._start(now))

@@ -81,20 +81,18 @@ class _Prepared:
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def read_file(item: Input, limit: int) -> Input:
-    """`item` with the bytes of the regular file at `item.path`, or with the reason why not."""
-    assert item.path is not None
-    name = item.name
+def read_file(path: str, limit: int) -> tuple[bytes | None, str | None]:
+    """The bytes of the regular file at `path`, or why they cannot be read."""
     try:
-        fd = os.open(item.path, _OPEN_FLAGS)
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as e:
-        return Input(name, None, f"cannot open file: {e.strerror or e}", tag=item.tag)
+        return None, f"cannot open file: {e.strerror or e}"
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return Input(name, None, "not a regular file", tag=item.tag)
+            return None, "not a regular file"
         if st.st_size > limit:
-            return Input(name, None, f"file is {st.st_size} bytes, over the limit", tag=item.tag)
+            return None, f"file is {st.st_size} bytes, over the limit"
         chunks: list[bytes] = []
         total = 0
         while total <= limit:
@@ -104,10 +102,10 @@ def read_file(item: Input, limit: int) -> Input:
             chunks.append(chunk)
             total += len(chunk)
         if total > limit:
-            return Input(name, None, f"file grew past the {limit} byte limit", tag=item.tag)
-        return Input(name, b"".join(chunks), tag=item.tag)
+            return None, f"file grew past the {limit} byte limit"
+        return b"".join(chunks), None
     except OSError as e:
-        return Input(name, None, f"cannot read file: {e.strerror or e}", tag=item.tag)
+        return None, f"cannot read file: {e.strerror or e}"
     finally:
         os.close(fd)
 
@@ -205,11 +203,11 @@ def _prepare_all(items: Sequence[Input], limits: Limits) -> list[_Prepared]:
 
 def _read(item: Input, limits: Limits) -> _Work:
     t0 = time.perf_counter()
-    if item.data is None and item.error is None and item.path is not None:
-        item = read_file(item, limits.max_bytes)
     w = _Work(item.name, item.data, item.error)
-    if item.data is not None:
-        w.sha256 = hashlib.sha256(item.data).hexdigest()
+    if item.data is None and item.error is None and item.path is not None:
+        w.data, w.error = read_file(item.path, limits.max_bytes)
+    if w.data is not None:
+        w.sha256 = hashlib.sha256(w.data).hexdigest()
     w.seconds = time.perf_counter() - t0
     return w
 
@@ -254,10 +252,8 @@ def _answer_chunk(items: Sequence[Input], finish: Finisher | None) -> list[Recor
 
 
 def _crashed(item: Input, limits: Limits) -> _Prepared:
-    if item.data is None and item.error is None and item.path is not None:
-        item = read_file(item, limits.max_bytes)  # the record still carries its sha256
-    sha = hashlib.sha256(item.data).hexdigest() if item.data is not None else None
-    return _Prepared(item.name, sha, None, None, None, "the decoder crashed on this file", 0.0)
+    w = _read(item, limits)  # the record still carries its sha256
+    return _Prepared(w.name, w.sha256, None, None, None, "the decoder crashed on this file", 0.0)
 
 
 class Pipeline:
