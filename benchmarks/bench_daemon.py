@@ -305,6 +305,14 @@ class Arrivals(threading.Thread):
 # ---------------------------------------------------------------- measurements
 
 
+def stage_files(stage: Path, blobs: list[bytes], ext: str) -> list[str]:
+    """Write the workload into the staging folder; the names, in the order to drop them."""
+    names = [f"img{i:06d}.{ext}" for i in range(len(blobs))]
+    for name, blob in zip(names, blobs, strict=True):
+        (stage / name).write_bytes(blob)
+    return names
+
+
 def clean_start() -> None:
     """Write back what is dirty before a contender starts, so each starts from a clean cache.
 
@@ -318,9 +326,7 @@ def clean_start() -> None:
 
 def burst(start: Starter, blobs: list[bytes], ext: str) -> dict[str, float]:
     with folders() as (stage, inbox, outbox):
-        names = [f"img{i:06d}.{ext}" for i in range(len(blobs))]
-        for name, blob in zip(names, blobs, strict=True):
-            (stage / name).write_bytes(blob)
+        names = stage_files(stage, blobs, ext)
         create_us = create_cost_us(outbox)
         clean_start()
         proc = start(inbox, outbox)
@@ -345,9 +351,7 @@ def burst(start: Starter, blobs: list[bytes], ext: str) -> dict[str, float]:
 
 def paced(start: Starter, blobs: list[bytes], ext: str, rate: float) -> dict[str, float]:
     with folders() as (stage, inbox, outbox):
-        names = [f"img{i:06d}.{ext}" for i in range(len(blobs))]
-        for name, blob in zip(names, blobs, strict=True):
-            (stage / name).write_bytes(blob)
+        names = stage_files(stage, blobs, ext)
         clean_start()
         proc = start(inbox, outbox)
         arrivals = Arrivals(outbox)

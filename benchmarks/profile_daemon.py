@@ -29,6 +29,7 @@ from bench_daemon import (  # noqa: E402
     bench_parent,
     clean_start,
     create_cost_us,
+    stage_files,
     workload,
 )
 
@@ -132,10 +133,7 @@ def main() -> None:
         stage, inbox, outbox = (root / s for s in ("stage", "inbox", "outbox"))
         for d in (stage, inbox, outbox):
             d.mkdir()
-        ext = "png" if args.kind == "png28" else "jpg"
-        names = [f"img{i:06d}.{ext}" for i in range(args.n)]
-        for name, blob in zip(names, blobs, strict=True):
-            (stage / name).write_bytes(blob)
+        names = stage_files(stage, blobs, "png" if args.kind == "png28" else "jpg")
         clean_start()
         print(f"creating a small file here: {create_cost_us(outbox):.0f} us (median)")
         sock_path = root / "notify.sock"
