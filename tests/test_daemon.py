@@ -397,7 +397,9 @@ def test_recursive_mirrors_subfolders(folders: tuple[Path, Path]) -> None:
     try:
         d.wait_ready()
         (inbox / "a" / "b").mkdir(parents=True)
-        drop(inbox / "a" / "b", "deep.png", digit_png(5))
+        # Staged outside the inbox: beside a/b it would be inside the watched tree, and
+        # the daemon could claim the staged file before it is renamed into place.
+        drop(inbox / "a" / "b", "deep.png", digit_png(5), staging=inbox.parent / "staging")
         drop(inbox, "top.png", digit_png(6))
         # A whole folder renamed in: its files were never announced one by one.
         batch = inbox.parent / "folder"
