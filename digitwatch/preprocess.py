@@ -5,10 +5,15 @@ The steps are listed in `STEPS`; the constants below them are the knobs they nam
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from digitwatch.codec import Gray
+
+Labels = npt.NDArray[Any]  # connected-component labels, uint16 or int32
 
 STEPS = """\
 0. Fast path: an image of at most CLEAN_SIDE px whose outermost pixels are even (an
@@ -178,8 +183,13 @@ def open_line(mask: Gray, length: int, *, horizontal: bool) -> Gray | None:
     return out
 
 
-def _select(mask: Gray) -> tuple[tuple[int, int, int, int], Gray] | None:
-    """Box (x0, y0, x1, y1) and mask of the digit's components, or None when there are none."""
+def _select(mask: Gray) -> tuple[tuple[int, int, int, int], Labels, Gray] | None:
+    """The digit's box (x0, y0, x1, y1), the labels and a table of the labels it keeps.
+
+    `table[labels]` is the digit's mask; the caller looks it up only in the crop it takes
+    (over the whole 400x300 labels the lookup was ~0.3 ms of a photo's ~3.5 ms).
+    None when there is no digit.
+    """
     h, w = mask.shape
     # 16-bit labels whenever every possible component fits (8-connected, at most one per
     # 2x2 cell): the same labels, stats and centroids, and OpenCV takes ~0.27 ms instead
@@ -236,10 +246,9 @@ def _select(mask: Gray) -> tuple[tuple[int, int, int, int], Gray] | None:
     by1 = int((boxes[:, 1] + boxes[:, 3]).max())
     if max(bx1 - bx0, by1 - by0) < 0.04 * max(h, w) or areas[keep].sum() < 12:
         return None
-    lut = np.zeros(n, np.uint8)
-    lut[1 + np.array(keep)] = 255
-    kept = lut[labels]
-    return (bx0, by0, bx1, by1), kept
+    table = np.zeros(n, np.uint8)
+    table[1 + np.array(keep)] = 255
+    return (bx0, by0, bx1, by1), labels, table
 
 
 def _structured(ink: Gray) -> bool:
@@ -337,12 +346,13 @@ def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
     ink = _ink_map(img, _dark_paper(img))
     t_otsu, otsu = cv2.threshold(ink, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     mask: Gray = np.asarray(otsu, np.uint8)
-    fg = ink[mask > 0]
-    bg = ink[mask == 0]
-    if fg.size == 0 or bg.size == 0:
+    fg = ink[mask > 0]  # the few pixels Otsu marks; the paper's mean comes from sums
+    if fg.size == 0 or fg.size == ink.size:
         return None
     peak = _percentiles(fg, (PEAK_PERCENTILE,))[0]
-    if peak - float(bg.mean()) < MIN_CONTRAST:
+    # Integer sums are exact in float64, so this is bg.mean() to the bit.
+    paper = (cv2.sumElems(ink)[0] - float(fg.sum())) / (ink.size - fg.size)
+    if peak - paper < MIN_CONTRAST:
         return None
     # Otsu cuts noise about in half; a digit, even one filling a 16x16 scan, covers
     # less than that, and a page with a little ink needs no noise test at all.
@@ -358,12 +368,12 @@ def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
     found = _select(mask)
     if found is None:
         return None
-    (x0, y0, x1, y1), mask = found
+    (x0, y0, x1, y1), labels, table = found
     h, w = ink.shape
     pad = max(2, (max(x1 - x0, y1 - y0)) // 8)
     x0, y0, x1, y1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
     crop = ink[y0:y1, x0:x1]
-    keep = mask[y0:y1, x0:x1]
+    keep = table[labels[y0:y1, x0:x1]]
     ch, cw = crop.shape
     s = DIGIT_SIDE / max(ch, cw)
     size = (max(1, round(cw * s)), max(1, round(ch * s)))
