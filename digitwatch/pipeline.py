@@ -27,9 +27,10 @@ import multiprocessing
 import os
 import signal
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -251,6 +252,23 @@ def _answer_chunk(items: Sequence[Input], finish: Finisher | None) -> list[Recor
     return [r.record for r in _WORKER.answer(items, finish, keep_images=False)]
 
 
+def _when_all_done(futures: list[Future[list[Record]]], call: Callable[[], object]) -> None:
+    """Call `call` once, when the last of `futures` is done (by a result or an error)."""
+    left = len(futures)
+    lock = threading.Lock()
+
+    def one_done(_: Future[list[Record]]) -> None:
+        nonlocal left
+        with lock:
+            left -= 1
+            last = left == 0
+        if last:
+            call()
+
+    for future in futures:
+        future.add_done_callback(one_done)
+
+
 def _crashed(item: Input, limits: Limits) -> _Prepared:
     w = _read(item, limits)  # the record still carries its sha256
     return _Prepared(w.name, w.sha256, None, None, None, "the decoder crashed on this file", 0.0)
@@ -354,15 +372,22 @@ class Pipeline:
         return self._pool
 
     def submit(
-        self, items: Sequence[Input], finish: Finisher | None = None
+        self,
+        items: Sequence[Input],
+        finish: Finisher | None = None,
+        on_done: Callable[[], object] | None = None,
     ) -> Callable[[], list[Result]]:
         """Start answering `items` in the workers; the returned call waits for the results.
 
         With workers the results carry no 28x28 image (it stays in the worker); errors
-        raised by `finish` (a full disk) are raised by the call.
+        raised by `finish` (a full disk) are raised by the call. `on_done` is called once
+        every worker is through with its share (the call then returns without waiting),
+        from whichever thread saw that; without workers, before `submit` returns.
         """
         if self._pool is None or not items:
             done = self.answer(items, finish)
+            if on_done is not None:
+                on_done()
             return lambda: done
         # One chunk per worker keeps the hand-off cost off small images; big files go in
         # more, smaller chunks so the workers stay evenly busy on a batch of 12 MP photos
@@ -375,6 +400,8 @@ class Pipeline:
         except BrokenProcessPool:  # a worker died while idle (say, the OOM killer)
             pool = self._renew_pool()
             futures = [pool.submit(_answer_chunk, c, finish) for c in chunks]
+        if on_done is not None:
+            _when_all_done(futures, on_done)
 
         def wait() -> list[Result]:
             out: list[Result] = [None] * len(items)  # type: ignore[list-item]

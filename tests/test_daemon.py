@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -332,6 +333,72 @@ def test_notify_socket_gets_ready_watchdog_and_stopping(folders: tuple[Path, Pat
     finally:
         d.close()
         sock.close()
+
+
+def test_a_stuck_batch_stops_the_watchdog_pings_until_it_moves(
+    folders: tuple[Path, Path],
+) -> None:
+    """The main loop keeps running while a batch is in the workers, but it must not ping
+    for a batch that makes no progress: systemd's watchdog is what restarts a hung decoder.
+    The workers are SIGSTOPped with a file in hand; the pings stop, and come back with the
+    answer once the workers are continued."""
+    inbox, outbox = folders
+    sock_path = inbox.parent / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.05)
+
+    def pings(seconds: float) -> int:
+        n, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                n += "WATCHDOG=1" in sock.recv(4096).decode().split("\n")
+        return n
+
+    # WATCHDOG_USEC=400000: a ping every 0.2 s while all is well.
+    d = DaemonProcess(
+        inbox, outbox, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
+    )
+    workers: list[int] = []
+    try:
+        d.wait_ready()
+        assert pings(1.0) >= 3
+        workers = children(d.proc.pid)
+        assert len(workers) == 2, workers
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        drop(inbox, "stuck.png", digit_png(3))
+        wait_for(lambda: len(state(inbox, "work")) == 1, 5, "the file claimed")
+        pings(0.5)  # the batch becomes overdue after 0.2 s; a ping may be on its way
+        assert pings(1.5) == 0, "pinged for a batch that did not move"
+        assert d.proc.poll() is None and not csv_rows(outbox)
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        workers = []
+        wait_for(lambda: len(csv_rows(outbox)) == 1, 10, "the answer after SIGCONT")
+        assert pings(1.0) >= 3
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        assert d.stop() == 0, d.log.read_text()
+        sock.close()
+    assert_exactly_once(outbox, {"stuck.png"})
+
+
+def test_one_worker_answers_in_the_daemon_process(folders: tuple[Path, Path]) -> None:
+    """--workers 1 runs the pipeline in the main process: each batch is done on submit."""
+    inbox, outbox = folders
+    names = [f"w{i}.png" for i in range(6)]
+    d = DaemonProcess(inbox, outbox, "--workers", "1")
+    try:
+        d.wait_ready()
+        assert children(d.proc.pid) == []
+        for i, n in enumerate(names):
+            drop(inbox, n, digit_png(i))
+        wait_for(lambda: len(csv_rows(outbox)) == len(names), 10, "every file answered")
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+    assert_exactly_once(outbox, set(names))
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
