@@ -346,7 +346,7 @@ def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
     ink = _ink_map(img, _dark_paper(img))
     t_otsu, otsu = cv2.threshold(ink, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     mask: Gray = np.asarray(otsu, np.uint8)
-    fg = ink[mask > 0]  # the few pixels Otsu marks; the paper's mean comes from sums
+    fg = ink[mask > 0]  # the paper is not gathered: its mean comes from sums below
     if fg.size == 0 or fg.size == ink.size:
         return None
     peak = _percentiles(fg, (PEAK_PERCENTILE,))[0]
