@@ -198,16 +198,16 @@ class WriteJson:
     def __call__(self, items: Sequence[Input], records: list[Record]) -> list[Record]:
         # Texts first, then files: one stage at a time keeps each in the caches.
         out = [r.stamped(item.tag[1], _stamp()) for item, r in zip(items, records, strict=True)]
-        for item, rec in zip(items, [r.to_json() for r in out], strict=True):
+        for item, text in zip(items, [r.to_json() for r in out], strict=True):
             path = item.tag[0]
             try:
-                write_json_atomic(path, rec)
+                write_json_atomic(path, text)
             except FileNotFoundError:
                 folder = Path(path).parent
                 if folder == Path(self.outbox) or not Path(self.outbox).is_dir():
                     raise
                 folder.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(path, rec)
+                write_json_atomic(path, text)
         return out
 
 
