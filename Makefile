@@ -1,22 +1,30 @@
 # Two commands: `make run` and `make test`. Both create .venv when missing and are idempotent.
+# `make run` installs only what the service needs (~150 MB, no torch); `make test` adds the
+# `train` extra (torch, torchvision) and the development tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+CORE := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 INBOX ?= inbox
 OUTBOX ?= outbox
 
-.PHONY: run test lint typecheck pytest bench fuzz install clean
+.PHONY: run test lint typecheck pytest bench fuzz install install-core clean
 
 install: $(STAMP)
+install-core: $(CORE)
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(CORE)
 	$(BIN)/digitwatch run --inbox $(INBOX) --outbox $(OUTBOX)
 
 lint: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 
 from digitwatch import settings as settings_mod
-from digitwatch.errors import DigitwatchError, ExitCode
+from digitwatch.errors import DigitwatchError, ExitCode, MissingExtra
 
 app = typer.Typer(
     name="digitwatch",
@@ -59,6 +60,15 @@ def _settings(config: Path | None, **cli: Any) -> settings_mod.Settings:
     return settings_mod.load(cli, config_file=config)
 
 
+def _require_train_extra(command: str) -> None:
+    """`train` and `evaluate` need torch; the service and `predict` never import it."""
+    missing = [m for m in ("torch", "torchvision") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(
+            f"{command} needs {' and '.join(missing)}: pip install 'digitwatch[train]'"
+        )
+
+
 @app.command()
 def train(
     out: Annotated[
@@ -83,6 +93,7 @@ def train(
     config: ConfigOpt = None,
 ) -> None:
     """Train the MLP on MNIST and write weights with their metadata."""
+    _guard(lambda: _require_train_extra("train"))
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from digitwatch.training import EpochReport, load_recipe, train_and_save
@@ -156,6 +167,7 @@ def evaluate(
     config: ConfigOpt = None,
 ) -> None:
     """Score weights on the 10,000 MNIST test images."""
+    _guard(lambda: _require_train_extra("evaluate"))
     from digitwatch.evaluate import evaluate as run_evaluation
 
     def body() -> None:

@@ -17,6 +17,7 @@ class ExitCode(enum.IntEnum):
     DATA = 6  # MNIST absent and not downloadable
     INPUT_FAILED = 7  # predict: at least one input got an error record
     WATCHER_DIED = 8  # run: the filesystem observer stopped; systemd should restart us
+    MISSING_EXTRA = 11  # train/evaluate without the `train` extra (torch, torchvision)
 
 
 class DigitwatchError(Exception):
@@ -39,6 +40,10 @@ class WeightsError(DigitwatchError):
 
 class DataError(DigitwatchError):
     exit_code = ExitCode.DATA
+
+
+class MissingExtra(DigitwatchError):
+    exit_code = ExitCode.MISSING_EXTRA
 
 
 class WatcherDied(DigitwatchError):

@@ -16,7 +16,15 @@ from typing import Any, Literal, get_args
 from digitwatch.errors import ConfigError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
-DEFAULT_WEIGHTS = PACKAGE_ROOT.parent / "weights" / "mnist-mlp.pt"
+
+
+def _shipped_weights(name: str = "mnist-mlp.pt") -> Path:
+    """The shipped weights: inside the package when installed from a wheel, else the checkout's."""
+    installed = PACKAGE_ROOT / "weights" / name
+    return installed if installed.exists() else PACKAGE_ROOT.parent / "weights" / name
+
+
+DEFAULT_WEIGHTS = _shipped_weights()
 
 LogFormat = Literal["auto", "console", "json"]
 OnSuccess = Literal["keep", "delete"]
