@@ -29,7 +29,7 @@ import corpus  # noqa: E402
 from digitwatch.classify import Classifier, load_weights  # noqa: E402
 from digitwatch.codec import Limits  # noqa: E402
 from digitwatch.pipeline import Input, Pipeline  # noqa: E402
-from digitwatch.settings import DEFAULT_WEIGHTS  # noqa: E402
+from digitwatch.settings import DEFAULT_WEIGHTS, Settings  # noqa: E402
 
 
 def baseline_image(data: bytes) -> np.ndarray | None:
@@ -41,16 +41,22 @@ def baseline_image(data: bytes) -> np.ndarray | None:
     return cv2.resize(inv, (28, 28))
 
 
-def score(samples: list[corpus.Sample], weights_path: Path) -> tuple[float, float, int, float]:
-    """(ours, baseline, no_digit answers of ours, ms per image of ours) on the samples."""
+Score = tuple[float, float, int, float, int, int, int, int]
+
+
+def score(samples: list[corpus.Sample], weights_path: Path, uncertain_below: float) -> Score:
+    """(ours, baseline, no_digit answers of ours, ms per image of ours, wrong answers,
+    wrong answers flagged uncertain, right answers, right answers flagged uncertain)."""
     weights = load_weights(weights_path)
     labels = np.array([s.label for s in samples])
-    with Pipeline(weights, limits=Limits(), uncertain_below=0.0) as pipe:
+    with Pipeline(weights, limits=Limits(), uncertain_below=uncertain_below) as pipe:
         t0 = time.perf_counter()
         results = pipe.run([Input(s.name, s.data) for s in samples])
         ms = (time.perf_counter() - t0) * 1000 / len(samples)
     ours = np.array([-1 if r.record.digit is None else r.record.digit for r in results])
     no_digit = sum(r.record.status == "no_digit" for r in results)
+    flagged = np.array([r.record.uncertain for r in results])
+    right = ours == labels
     clf = Classifier(weights)
     base = np.full(len(samples), -1)
     imgs = [baseline_image(s.data) for s in samples]
@@ -58,15 +64,24 @@ def score(samples: list[corpus.Sample], weights_path: Path) -> tuple[float, floa
     if ok:
         probs = clf.probabilities(clf.normalize(np.stack([imgs[i] for i in ok])))
         base[ok] = probs.argmax(1)
-    return float((ours == labels).mean()), float((base == labels).mean()), no_digit, ms
+    return (
+        float(right.mean()),
+        float((base == labels).mean()),
+        no_digit,
+        ms,
+        int((~right).sum()),
+        int((flagged & ~right).sum()),
+        int(right.sum()),
+        int((flagged & right).sum()),
+    )
 
 
-def run_kind(args: tuple[str, int, int, str]) -> tuple[str, int, float, float, int, float]:
-    kind, n, seed, weights_path = args
+def run_kind(args: tuple[str, int, int, str, float]) -> tuple[str, int, Score]:
+    kind, n, seed, weights_path, uncertain_below = args
     images, labels = _mnist()
-    idx = corpus.pick(labels, n, seed)
+    idx = corpus.pick(labels, n, seed, kind)
     samples = corpus.make_kind(kind, images[idx], labels[idx], seed)
-    return (kind, n, *score(samples, Path(weights_path)))
+    return kind, n, score(samples, Path(weights_path), uncertain_below)
 
 
 _CACHE: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -91,22 +106,39 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--mnist-files", action="store_true", help="also all 10,000 test digits")
+    ap.add_argument(
+        "--uncertain-below", type=float, default=Settings().uncertain_below, help="flag threshold"
+    )
     a = ap.parse_args()
-    kinds = a.kinds.split(",") if a.kinds else list(corpus.KINDS)
+    kinds = a.kinds.split(",") if a.kinds else corpus.kinds()
     if a.mnist_files:
         kinds = [k for k in kinds if not k.startswith("mnist_")]
-    jobs = [(k, a.n, a.seed, str(a.weights)) for k in kinds]
+    u = a.uncertain_below
+    jobs = [(k, a.n, a.seed, str(a.weights), u) for k in kinds]
     if a.mnist_files:
-        jobs += [(k, 10_000, a.seed, str(a.weights)) for k in ("mnist_28", "mnist_upscaled")]
-    print(f"weights: {a.weights} (seed {a.seed})")
-    print("| kind | N | ours | baseline | ours no_digit | ours ms/img |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        jobs += [(k, 10_000, a.seed, str(a.weights), u) for k in ("mnist_28", "mnist_upscaled")]
+    print(f"weights: {a.weights} (seed {a.seed}, uncertain below {u})")
+    print("| kind | N | ours | baseline | ours no_digit | wrong flagged | right flagged | ms/img |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     worst = 1.0
+    totals = np.zeros(4, np.int64)
     with ProcessPoolExecutor(a.jobs) as pool:
-        for kind, n, ours, base, nd, ms in pool.map(run_kind, jobs):
+        for kind, n, (ours, base, nd, ms, *counts) in pool.map(run_kind, jobs):
             worst = min(worst, ours)
-            print(f"| {kind} | {n} | {ours:.2%} | {base:.2%} | {nd} | {ms:.2f} |", flush=True)
+            totals += counts
+            wrong, wrong_f, right, right_f = counts
+            print(
+                f"| {kind} | {n} | {ours:.2%} | {base:.2%} | {nd} | {wrong_f}/{wrong} "
+                f"| {right_f / max(1, right):.1%} | {ms:.2f} |",
+                flush=True,
+            )
+    wrong, wrong_f, right, right_f = (int(v) for v in totals)
     print(f"worst kind: {worst:.2%}")
+    print(
+        f"all kinds: {wrong_f}/{wrong} wrong answers flagged uncertain "
+        f"({wrong_f / max(1, wrong):.1%}), {right_f}/{right} right answers flagged "
+        f"({right_f / max(1, right):.2%})"
+    )
 
 
 if __name__ == "__main__":

@@ -482,6 +482,208 @@ def mnist_upscaled(d28: U8, rng: Rng) -> bytes:
     return png(255 - big)
 
 
+# --- harsher kinds: what real photos have that the kinds above lack ---------------------
+
+
+def pressure(cover: F32, rng: Rng, low: tuple[float, float] = (0.3, 0.6)) -> F32:
+    """Uneven pen pressure: part of the digit at 30-60% of the peak darkness.
+
+    A ramp across the digit in a random direction (the stem of a 6, the top loop of an
+    8, one side of a 4 drawn lighter) times a slow wobble along the strokes.
+    """
+    H, W = cover.shape
+    ys, xs = np.nonzero(cover > 0.5)
+    if len(ys) == 0:
+        return cover
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    ang = rng.uniform(0, 2 * np.pi)
+    t = np.cos(ang) * (xx - (x0 + x1) / 2) / max(1, x1 - x0)
+    t += np.sin(ang) * (yy - (y0 + y1) / 2) / max(1, y1 - y0)
+    edge = rng.uniform(-0.15, 0.15)
+    ramp = 1 / (1 + np.exp(-(t - edge) / rng.uniform(0.04, 0.12)))
+    faint = rng.uniform(*low)
+    level = faint + (1 - faint) * ramp
+    g = max(2, max(y1 - y0, x1 - x0) // 12)
+    wobble = rng.uniform(0.75, 1.0, (max(2, H // g), max(2, W // g))).astype(np.float32)
+    wobble = cv2.resize(wobble, (W, H), interpolation=cv2.INTER_CUBIC)
+    return np.asarray(cover * np.clip(level * wobble, faint * 0.9, 1), np.float32)
+
+
+def grain(cover: F32, rng: Rng, width: float) -> F32:
+    """Pencil graphite: the stroke broken into specks where the paper's tooth shows."""
+    speck = rng.random(cover.shape).astype(np.float32)
+    speck = cv2.GaussianBlur(speck, (0, 0), max(0.5, width / 8))
+    speck = (speck - speck.mean()) / (speck.std() + 1e-6)
+    keep = np.clip(0.75 + 0.35 * speck, 0.15, 1)
+    return np.asarray(cover * keep, np.float32)
+
+
+def _flat_photo(
+    cover: F32, rng: Rng, paper_hw: tuple[int, int], *, ink_delta: tuple[float, float] | None
+) -> F32:
+    """Tinted, textured paper under uneven light, with `cover` drawn on it (BGR float)."""
+    img = paper(paper_hw, rng, str(rng.choice(["beige", "pink", "white", "white"])))
+    # Tinted and dimmed paper (grey office paper, a yellow pad, a dim room).
+    img *= np.array(rng.uniform(0.7, 1.0, 3), np.float32) * rng.uniform(0.7, 1.0)
+    if ink_delta is None:
+        ink_on(img, cover, INKS[str(rng.choice(["black", "blue", "pencil"]))], 0.9)
+    else:
+        # Ink only `ink_delta` grey levels darker than the paper at full coverage.
+        level = float(img.mean())
+        delta = rng.uniform(*ink_delta)
+        color = tuple(int(max(0, c * (1 - delta / level))) for c in img.mean((0, 1)))
+        ink_on(img, cover, color, 1.0)  # type: ignore[arg-type]
+    return lighting(img, rng, 1.0)
+
+
+def _hard_photo(d28: U8, rng: Rng, *, faint: bool, pencil: bool, low: bool) -> bytes:
+    W = int(rng.integers(420, 800))
+    H = int(W * rng.uniform(0.7, 1.35))
+    dsize = int(min(H, W) * rng.uniform(0.25, 0.6))
+    width = dsize * rng.uniform(0.04, 0.09)
+    cover = place((H, W), stroke(d28, dsize, width, rng), rng, center=True)
+    if faint:
+        cover = pressure(cover, rng)
+    if pencil:
+        cover = grain(cover, rng, width)
+    img = _flat_photo(cover, rng, (H, W), ink_delta=(25, 50) if low else None)
+    if rng.random() < 0.5:
+        rule_lines(img, rng, squared=rng.random() < 0.5, spacing=dsize * rng.uniform(0.25, 0.4))
+    img = perspective(img, rng, 0.04)
+    return jpeg(camera(img, rng, rng.uniform(0.4, 1.2) * W / 1000, rng.uniform(1.5, 3.5)), 85)
+
+
+def photo_faint_stroke(d28: U8, rng: Rng) -> bytes:
+    """Ballpoint pressure fading along and between strokes: parts at 30-60% darkness."""
+    return _hard_photo(d28, rng, faint=True, pencil=False, low=False)
+
+
+def photo_pencil(d28: U8, rng: Rng) -> bytes:
+    """Pencil: grainy, uneven strokes on tinted paper."""
+    return _hard_photo(d28, rng, faint=rng.random() < 0.5, pencil=True, low=False)
+
+
+def photo_low_contrast(d28: U8, rng: Rng) -> bytes:
+    """Ink only 25-50 grey levels darker than the paper, with uneven pressure on some."""
+    return _hard_photo(d28, rng, faint=rng.random() < 0.3, pencil=False, low=True)
+
+
+def crop_filled(d28: U8, rng: Rng) -> bytes:
+    """A 40-90 px low-quality JPEG crop that the digit fills, touching its edge.
+
+    Tinted paper under uneven light, and often a paper edge (the table beyond it) or a
+    shadow line across one side, as crops cut from a photographed sheet show.
+    """
+    side = int(rng.integers(160, 260))
+    dsize = int(side * rng.uniform(0.85, 1.0))
+    width = dsize * rng.uniform(0.05, 0.1)
+    ink = stroke(d28, dsize, width, rng)
+    h, w = ink.shape
+    # Cut the stroke map's pad off so the digit really reaches the crop's edge.
+    pad = int(width) + 4
+    ink = ink[pad // 2 : h - pad // 2, pad // 2 : w - pad // 2]
+    cover = place((side, side), ink, rng, center=True)
+    if rng.random() < 0.5:
+        cover = pressure(cover, rng, (0.45, 0.8))
+    img = _flat_photo(cover, rng, (side, side), ink_delta=None)
+    what = rng.random()
+    if what < 0.4:  # the paper's edge: a dark table beyond one side
+        edge = int(side * rng.uniform(0.02, 0.1))
+        table = np.float32(rng.uniform(30, 110))
+        sidesel = int(rng.integers(0, 4))
+        region = [np.s_[:edge, :], np.s_[-edge:, :], np.s_[:, :edge], np.s_[:, -edge:]][sidesel]
+        img[region] = table
+    elif what < 0.8:  # a shadow line or a fold across the crop
+        line = np.zeros((side, side), np.uint8)
+        horizontal = rng.random() < 0.5
+        at = int(side * rng.choice([rng.uniform(0.03, 0.15), rng.uniform(0.85, 0.97)]))
+        a, b = (0, at), (side - 1, at + int(rng.integers(-8, 9)))
+        if not horizontal:
+            a, b = a[::-1], b[::-1]
+        cv2.line(line, a, b, 255, int(rng.integers(1, 4)))
+        a_ = cv2.GaussianBlur(line, (0, 0), 1.0).astype(np.float32)[:, :, None] / 255
+        img *= 1 - a_ * rng.uniform(0.3, 0.6)
+    img = camera(img, rng, rng.uniform(0.5, 1.2), rng.uniform(1.5, 3))
+    out = int(rng.integers(40, 91))
+    small = cv2.resize(img, (out, out), interpolation=cv2.INTER_AREA)
+    return jpeg(small, int(rng.integers(35, 75)))
+
+
+def canvas_thin_big(d28: U8, rng: Rng) -> bytes:
+    """A 900-1800 px drawing canvas with a 1-2 px pen line."""
+    side = int(rng.integers(900, 1801))
+    H, W = side, int(side * rng.uniform(0.75, 1.33))
+    dsize = int(min(H, W) * rng.uniform(0.3, 0.8))
+    cover = place((H, W), stroke(d28, dsize, rng.uniform(1.0, 2.0), rng), rng)
+    img = np.full((H, W, 3), 255, np.float32)
+    ink_on(img, cover, INKS[str(rng.choice(["black", "blue"]))], 1.0)
+    return png(img.astype(np.uint8))
+
+
+def _continental(sk: npt.NDArray[np.bool_], label: int, rng: Rng) -> npt.NDArray[np.bool_]:
+    """A 1 with a flag before its stem (sometimes a foot), or a 7 with a crossbar."""
+    out = np.pad(sk, 12).astype(np.uint8)
+    ys, xs = np.nonzero(out)
+    h = ys.max() - ys.min() + 1
+    if label == 1:
+        top = int(np.argmin(ys))
+        tx, ty = int(xs[top]), int(ys[top])
+        length = h * rng.uniform(0.25, 0.45)
+        ang = np.deg2rad(rng.uniform(20, 55))  # below the horizontal, to the left
+        end = (int(tx - length * np.cos(ang)), int(ty + length * np.sin(ang)))
+        cv2.line(out, (tx, ty), end, 1, 1)
+        if rng.random() < 0.4:
+            bot = int(np.argmax(ys))
+            bx, by = int(xs[bot]), int(ys[bot])
+            half = int(h * rng.uniform(0.15, 0.3))
+            cv2.line(out, (bx - half, by), (bx + half, by), 1, 1)
+    elif label == 7:
+        mid = int(ys.min() + h * rng.uniform(0.45, 0.6))
+        row = np.nonzero(out[mid])[0]
+        if row.size:
+            cx = int(row.mean())
+            half = int(h * rng.uniform(0.12, 0.22))
+            cv2.line(out, (cx - half, mid), (cx + half, mid + int(rng.integers(-2, 3))), 1, 1)
+    return out.astype(bool)
+
+
+def _continental_cover(d28: U8, label: int, rng: Rng, size: int, width: float) -> F32:
+    sk = _continental(skeleton(d28, 100), label, rng)
+    if rng.random() < 0.5:  # slanted writing, as many hands slant
+        s = rng.uniform(-0.35, 0.35)
+        h, w = sk.shape
+        m = np.float32([[1, s, -s * h / 2 + abs(s) * h / 2], [0, 1, 0]])
+        sk = cv2.warpAffine(sk.astype(np.uint8), m, (w + int(abs(s) * h), h)) > 0
+    img = cv2.resize(sk.astype(np.uint8) * 255, None, fx=size / 100, fy=size / 100)
+    dist = cv2.distanceTransform(
+        255 - (img > 0).astype(np.uint8) * 255, cv2.DIST_L2, cv2.DIST_MASK_PRECISE
+    )
+    return np.clip(width / 2 + 0.5 - dist, 0, 1).astype(np.float32)
+
+
+def continental_photo(d28: U8, rng: Rng, label: int) -> bytes:
+    """Continental 1s (flag, sometimes a foot) and crossed 7s on paper, photographed."""
+    W = int(rng.integers(420, 800))
+    H = int(W * rng.uniform(0.7, 1.35))
+    dsize = int(min(H, W) * rng.uniform(0.25, 0.5))
+    cover = place(
+        (H, W), _continental_cover(d28, label, rng, dsize, dsize * 0.07), rng, center=True
+    )
+    img = paper((H, W), rng)
+    ink_on(img, cover, INKS[str(rng.choice(["black", "blue", "pencil"]))], 0.9)
+    img = lighting(img, rng, 0.5)
+    return jpeg(camera(img, rng, 0.8 * W / 1000, 2.5), 85)
+
+
+def continental_canvas(d28: U8, rng: Rng, label: int) -> bytes:
+    """The same styles drawn on a white app canvas."""
+    side = int(rng.integers(200, 900))
+    dsize = int(side * rng.uniform(0.4, 0.8))
+    cover = place((side, side), _continental_cover(d28, label, rng, dsize, dsize * 0.08), rng)
+    return png((255 - cover * 235).astype(np.uint8))
+
+
 Maker = Callable[[U8, Rng], bytes]
 
 KINDS: dict[str, tuple[Maker, str]] = {
@@ -505,24 +707,70 @@ KINDS: dict[str, tuple[Maker, str]] = {
     "webp": (webp, ".webp"),
     "jpeg_exif": (jpeg_exif, ".jpg"),
     "lying_extension": (webp, ".png"),  # WebP bytes named .png; magic bytes decide
+    "photo_faint_stroke": (photo_faint_stroke, ".jpg"),
+    "photo_pencil": (photo_pencil, ".jpg"),
+    "photo_low_contrast": (photo_low_contrast, ".jpg"),
+    "crop_filled": (crop_filled, ".jpg"),
+    "canvas_thin_big": (canvas_thin_big, ".png"),
     "mnist_28": (mnist_28, ".png"),
     "mnist_upscaled": (mnist_upscaled, ".png"),
 }
 
+# Kinds drawn for some labels only, made from the label as well as the digit.
+LabelledMaker = Callable[[U8, Rng, int], bytes]
+LABELLED: dict[str, tuple[LabelledMaker, str, tuple[int, ...]]] = {
+    "continental_photo": (continental_photo, ".jpg", (1, 7)),
+    "continental_canvas": (continental_canvas, ".png", (1, 7)),
+}
+
+
+# Kinds added after the first corpus draw from their own random streams, so the first
+# kinds keep the files (and the figures) they always had.
+ADDED = (
+    "photo_faint_stroke",
+    "photo_pencil",
+    "photo_low_contrast",
+    "crop_filled",
+    "canvas_thin_big",
+    *LABELLED,
+)
+
+
+def _stream(kind: str) -> int:
+    if kind in ADDED:
+        return 1000 + zlib.crc32(kind.encode())
+    return sorted(k for k in KINDS if k not in ADDED).index(kind)
+
+
+def kinds() -> list[str]:
+    return [*KINDS, *LABELLED]
+
 
 def make_kind(kind: str, images: U8, labels: npt.NDArray[np.int64], seed: int = 0) -> list[Sample]:
     """Render every digit as a file of one kind; the same seed gives the same bytes."""
+    if kind in LABELLED:
+        lmaker, ext, _ = LABELLED[kind]
+        rng = np.random.default_rng([seed, _stream(kind)])
+        return [
+            Sample(kind, f"{kind}-{i:05d}{ext}", lmaker(img, rng, int(lab)), int(lab))
+            for i, (img, lab) in enumerate(zip(images, labels, strict=True))
+        ]
     maker, ext = KINDS[kind]
-    rng = np.random.default_rng([seed, sorted(KINDS).index(kind)])
+    rng = np.random.default_rng([seed, _stream(kind)])
     return [
         Sample(kind, f"{kind}-{i:05d}{ext}", maker(img, rng), int(lab))
         for i, (img, lab) in enumerate(zip(images, labels, strict=True))
     ]
 
 
-def pick(labels: npt.NDArray[np.int64], n: int, seed: int = 0) -> npt.NDArray[np.int64]:
-    """Indices of n test digits, chosen the same way every time."""
-    return np.sort(np.random.default_rng(seed).choice(len(labels), n, replace=False))
+def pick(
+    labels: npt.NDArray[np.int64], n: int, seed: int = 0, kind: str | None = None
+) -> npt.NDArray[np.int64]:
+    """Indices of n test digits, chosen the same way every time (of its labels for `kind`)."""
+    pool = np.arange(len(labels))
+    if kind in LABELLED:
+        pool = pool[np.isin(labels, LABELLED[kind][2])]
+    return np.sort(np.random.default_rng(seed).choice(pool, n, replace=False))
 
 
 # --- hostile files ------------------------------------------------------------------------

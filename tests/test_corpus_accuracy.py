@@ -42,7 +42,12 @@ def _accuracy(pipe: Pipeline, samples: list[corpus.Sample]) -> float:
     )
 
 
-@pytest.mark.parametrize("kind", sorted(k for k in corpus.KINDS if not k.startswith("mnist_")))
+FIRST_KINDS = sorted(
+    k for k in corpus.KINDS if k not in corpus.ADDED and not k.startswith("mnist_")
+)
+
+
+@pytest.mark.parametrize("kind", FIRST_KINDS)
 def test_every_kind_reaches_97_percent(
     kind: str, pipe: Pipeline, mnist_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
