@@ -310,5 +310,26 @@ def run(
     raise typer.Exit(_guard(body))
 
 
+@app.command()
+def status(
+    inbox: Annotated[Path | None, typer.Option(help="The service's inbox.")] = None,
+    outbox: Annotated[Path | None, typer.Option(help="The service's outbox.")] = None,
+    recursive: Annotated[
+        bool | None, typer.Option("--recursive/--no-recursive", help="Count subfolders too.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Show what the service is doing, read from its folders (works while it runs)."""
+    from digitwatch.status import collect, render
+
+    def body() -> None:
+        s = _settings(config, inbox=inbox, outbox=outbox, recursive=recursive)
+        st = collect(s.inbox.resolve(), s.outbox.resolve(), recursive=s.recursive)
+        typer.echo(json.dumps(st.to_dict()) if as_json else render(st), nl=as_json)
+
+    _guard(body)
+
+
 def main() -> None:
     app()

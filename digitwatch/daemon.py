@@ -46,6 +46,7 @@ from typing import Any
 
 import structlog
 
+from digitwatch import summary
 from digitwatch.classify import load_weights
 from digitwatch.codec import Limits
 from digitwatch.errors import FolderError, WatcherDied
@@ -257,6 +258,7 @@ class Results:
                     with contextlib.suppress(OSError):
                         os.ftruncate(fd, size)
                     raise
+                summary.advance(self.outbox, fd)  # for `digitwatch status`, under the flock
             return len(records)
         finally:
             os.close(fd)  # releases the flock
