@@ -24,6 +24,8 @@ SUMMARY_NAME = ".results.csv.summary"  # hidden, and no .json: never taken for a
 SUMMARY_VERSION = 1
 MINUTES_KEPT = 90  # per-minute counts kept for "the last hour", with room for clock skew
 STATUSES = ("ok", "no_digit", "error")
+MAX_REASONS = 100
+OTHER_REASONS = "(other reasons)"
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Summary:
             self.uncertain += row[i_unc] == "true"
             if status == "error":
                 reason = row[i_err] or "unknown"
+                if reason not in self.errors and len(self.errors) >= MAX_REASONS:
+                    reason = OTHER_REASONS  # reasons carry sizes and names: keep the file small
                 self.errors[reason] = self.errors.get(reason, 0) + 1
             minute = self.per_minute.setdefault(at[:16], {})
             minute[status] = minute.get(status, 0) + 1

@@ -10,7 +10,7 @@ from daemon_helpers import DaemonProcess, csv_rows, digit_png, drop, wait_for
 from typer.testing import CliRunner
 
 from digitwatch.cli import app
-from digitwatch.summary import SUMMARY_NAME
+from digitwatch.summary import MAX_REASONS, OTHER_REASONS, SUMMARY_NAME, Summary
 
 runner = CliRunner()
 
@@ -69,3 +69,16 @@ def test_status_of_empty_folders_and_plain_output(folders: tuple[Path, Path]) ->
     assert result.exit_code == 0 and "waiting    0" in result.output
     result = runner.invoke(app, ["status", "--inbox", str(inbox / "nope"), "--outbox", str(outbox)])
     assert result.exit_code == 4
+
+
+def test_the_summary_keeps_a_bounded_list_of_error_reasons() -> None:
+    cols = ["input", "sha256", "status", "digit", "confidence", "uncertain", "error"]
+    cols += ["model", "processed_at"]
+    s = Summary()
+    at = "2026-12-02T21:00:00.000000+00:00"
+    s.add(
+        [["x", "", "error", "", "", "true", f"file is {i} bytes", "m", at] for i in range(300)],
+        cols,
+    )
+    assert len(s.errors) == MAX_REASONS + 1 and s.errors[OTHER_REASONS] == 300 - MAX_REASONS
+    assert s.counts["error"] == 300 and s.uncertain == 300
