@@ -272,6 +272,13 @@ def run(
     uncertain_below: Annotated[
         float | None, typer.Option(help="Confidence under this sets uncertain: true.")
     ] = None,
+    metrics_file: Annotated[
+        str | None,
+        typer.Option(help="Write Prometheus metrics to this file every 5 s (textfile collector)."),
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics at http://:PORT/metrics.")
+    ] = None,
     log_format: Annotated[str | None, typer.Option(help="auto, console or json.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
     check: Annotated[
@@ -301,6 +308,8 @@ def run(
             max_pixels=max_pixels,
             max_file_mb=max_file_mb,
             uncertain_below=uncertain_below,
+            metrics_file=metrics_file,
+            metrics_port=metrics_port,
             log_format=log_format,
             log_level=log_level,
         )

@@ -51,6 +51,7 @@ from digitwatch.classify import load_weights
 from digitwatch.codec import Limits
 from digitwatch.errors import FolderError, WatcherDied
 from digitwatch.logs import info_lines
+from digitwatch.metrics import Exporter, Metrics
 from digitwatch.pipeline import Input, Pipeline, Result
 from digitwatch.results import Record, csv_lines, write_json_atomic
 from digitwatch.sdnotify import Notifier
@@ -113,10 +114,21 @@ def serve(settings: Settings, *, check_only: bool = False) -> int:
         uncertain_below=settings.uncertain_below,
         workers=settings.workers,
     )
-    with pipeline:
-        return Daemon(settings, inbox, outbox, pipeline, Notifier.from_environ()).run(
-            restore_signals=False
-        )
+    metrics = Metrics(model=weights.model_id, workers=settings.workers)
+    exporter = Exporter(
+        metrics,
+        path=Path(settings.metrics_file) if settings.metrics_file else None,
+        port=settings.metrics_port or None,
+    )
+    exporter.start()
+    try:
+        with pipeline:
+            daemon = Daemon(
+                settings, inbox, outbox, pipeline, Notifier.from_environ(), metrics=metrics
+            )
+            return daemon.run(restore_signals=False)
+    finally:
+        exporter.stop()  # after the last commit, so the file ends with the final counts
 
 
 @dataclass
@@ -314,12 +326,15 @@ class Daemon:
         outbox: Path,
         pipeline: Pipeline,
         notifier: Notifier,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.s = settings
         self.inbox = inbox
         self.outbox = outbox
         self.pipeline = pipeline
         self.notifier = notifier
+        self.metrics = metrics or Metrics(model=pipeline.model_id, workers=settings.workers)
         self.results = Results(outbox, fsync=settings.fsync)
         self.write_json = WriteJson(str(outbox))
         state = inbox / STATE_DIR
@@ -651,7 +666,14 @@ class Daemon:
     def _status(self) -> str:
         c = self.counts
         waiting = len(self.ready) + len(self.gate.pending) + len(self.backlog)
+        self.metrics.queue(waiting, self._oldest_waiting_s(), held=self.held_since is not None)
         return f"{c['ok']} ok, {c['no_digit']} no digit, {c['error']} errors; {waiting} waiting"
+
+    def _oldest_waiting_s(self) -> float:
+        seen = [*self.ready.values(), *(p.detected_at for p in self.gate.pending.values())]
+        seen += [c.detected_at for c in self.backlog]
+        seen += [b.claims[0].detected_at for b in self.inflight if b.claims]
+        return max(0.0, time.time() - min(seen)) if seen else 0.0
 
     # -- one batch ---------------------------------------------------------------------
 
@@ -865,6 +887,7 @@ class Daemon:
                 }
             )
         info_lines("image", lines)
+        self.metrics.committed(records, [c.detected_at for c in batch.claims])
         log.info(
             "batch",
             files=len(records),

@@ -51,6 +51,8 @@ class Settings:
     max_pixels: int = 40_000_000
     max_file_mb: float = 50.0
     uncertain_below: float = 0.8
+    metrics_file: str = ""  # Prometheus textfile, rewritten every 5 s; "" = off
+    metrics_port: int = 0  # HTTP /metrics on this port; 0 = off
     log_format: LogFormat = "auto"
     log_level: str = "info"
 
