@@ -272,6 +272,13 @@ def run(
     uncertain_below: Annotated[
         float | None, typer.Option(help="Confidence under this sets uncertain: true.")
     ] = None,
+    review: Annotated[
+        bool | None,
+        typer.Option("--review/--no-review", help="Queue uncertain and no-digit answers."),
+    ] = None,
+    review_dir: Annotated[
+        str | None, typer.Option(help="The review queue's folder (default: <outbox>/review).")
+    ] = None,
     metrics_file: Annotated[
         str | None,
         typer.Option(help="Write Prometheus metrics to this file every 5 s (textfile collector)."),
@@ -308,6 +315,8 @@ def run(
             max_pixels=max_pixels,
             max_file_mb=max_file_mb,
             uncertain_below=uncertain_below,
+            review=review,
+            review_dir=review_dir,
             metrics_file=metrics_file,
             metrics_port=metrics_port,
             log_format=log_format,
@@ -338,6 +347,112 @@ def status(
         typer.echo(json.dumps(st.to_dict()) if as_json else render(st), nl=as_json)
 
     _guard(body)
+
+
+review_app = typer.Typer(
+    help="The review queue: answers the service doubts, for a person to decide.",
+    no_args_is_help=False,
+)
+app.add_typer(review_app, name="review")
+
+ReviewOutboxOpt = Annotated[Path | None, typer.Option("--outbox", help="The service's outbox.")]
+ReviewDirOpt = Annotated[
+    Path | None, typer.Option(help="The queue's folder (default: <outbox>/review).")
+]
+ItemArg = Annotated[str, typer.Argument(help="The item's ID, as `digitwatch review` lists it.")]
+
+
+def _review_dir(config: Path | None, outbox: Path | None, review_dir: Path | None) -> Path:
+    s = _settings(config, outbox=outbox, review_dir=None if review_dir is None else str(review_dir))
+    return s.review_path
+
+
+@review_app.callback(invoke_without_command=True)
+def review(
+    ctx: typer.Context,
+    outbox: ReviewOutboxOpt = None,
+    review_dir: ReviewDirOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per line.")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """List the review queue, newest first; `accept`, `correct` or `reject` an item."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from digitwatch import review as queue
+
+    def body() -> None:
+        found = queue.items(_review_dir(config, outbox, review_dir))
+        if as_json:
+            for item in found:
+                typer.echo(json.dumps({"id": item.id, **item.record}))
+            return
+        if not found:
+            typer.echo("the review queue is empty")
+            return
+        typer.echo(f"{'id':<14} {'status':<9} {'digit':>5} {'confidence':>10}  input")
+        for item in found:
+            r = item.record
+            digit = "-" if r.get("digit") is None else str(r["digit"])
+            conf = "-" if r.get("confidence") is None else f"{r['confidence']:.3f}"
+            typer.echo(f"{item.id:<14} {r['status']:<9} {digit:>5} {conf:>10}  {r['input']}")
+
+    _guard(body)
+
+
+def _decide(
+    config: Path | None,
+    outbox: Path | None,
+    review_dir: Path | None,
+    item_id: str,
+    digit: int | None,
+    *,
+    accept: bool = False,
+) -> None:
+    from digitwatch import review as queue
+
+    def body() -> None:
+        folder = _review_dir(config, outbox, review_dir)
+        item, human = queue.decide(folder, item_id, digit, accept=accept)
+        shown = "not a digit" if human is None else str(human)
+        typer.echo(f"{item_id}: {item.record['input']} recorded as {shown}")
+
+    _guard(body)
+
+
+@review_app.command("accept")
+def review_accept(
+    item_id: ItemArg,
+    outbox: ReviewOutboxOpt = None,
+    review_dir: ReviewDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The model's digit is right."""
+    _decide(config, outbox, review_dir, item_id, None, accept=True)
+
+
+@review_app.command("correct")
+def review_correct(
+    item_id: ItemArg,
+    digit: Annotated[int, typer.Option(min=0, max=9, help="The digit it really is.")],
+    outbox: ReviewOutboxOpt = None,
+    review_dir: ReviewDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The image shows DIGIT."""
+    _decide(config, outbox, review_dir, item_id, digit)
+
+
+@review_app.command("reject")
+def review_reject(
+    item_id: ItemArg,
+    outbox: ReviewOutboxOpt = None,
+    review_dir: ReviewDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The image shows no digit."""
+    _decide(config, outbox, review_dir, item_id, None)
 
 
 def main() -> None:

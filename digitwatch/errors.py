@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     INPUT_FAILED = 7  # predict: at least one input got an error record
     WATCHER_DIED = 8  # run: the filesystem observer stopped; systemd should restart us
     MISSING_EXTRA = 11  # train/evaluate without the `train` extra (torch, torchvision)
+    REVIEW = 12  # review: no such item in the queue, or decided already
 
 
 class DigitwatchError(Exception):

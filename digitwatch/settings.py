@@ -51,10 +51,16 @@ class Settings:
     max_pixels: int = 40_000_000
     max_file_mb: float = 50.0
     uncertain_below: float = 0.8
+    review: bool = True  # doubtful answers (uncertain, no_digit) also go to the review queue
+    review_dir: str = ""  # "" = <outbox>/review
     metrics_file: str = ""  # Prometheus textfile, rewritten every 5 s; "" = off
     metrics_port: int = 0  # HTTP /metrics on this port; 0 = off
     log_format: LogFormat = "auto"
     log_level: str = "info"
+
+    @property
+    def review_path(self) -> Path:
+        return Path(self.review_dir) if self.review_dir else self.outbox / "review"
 
     @property
     def max_file_bytes(self) -> int:

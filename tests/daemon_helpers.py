@@ -70,7 +70,9 @@ def children(pid: int) -> list[int]:
 
 
 def results(outbox: Path) -> list[dict[str, object]]:
-    return [json.loads(p.read_text()) for p in sorted(outbox.rglob("*.json"))]
+    """Every result JSON in the outbox (the review queue's records are not results)."""
+    paths = sorted(p for p in outbox.rglob("*.json") if "review" not in p.relative_to(outbox).parts)
+    return [json.loads(p.read_text()) for p in paths]
 
 
 def csv_rows(outbox: Path) -> list[dict[str, str]]:

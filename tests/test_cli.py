@@ -15,14 +15,27 @@ from digitwatch.errors import ExitCode
 
 runner = CliRunner()
 COMMANDS = ["train", "evaluate", "predict", "run", "status"]
+GROUPS = ["review"]
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def test_top_level_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for name in COMMANDS:
+    for name in COMMANDS + GROUPS:
         assert name in result.output
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_and_its_commands_have_help_and_documentation(group: str) -> None:
+    info = next(g for g in app.registered_groups if g.name == group)
+    assert info.typer_instance is not None
+    for cmd in info.typer_instance.registered_commands:
+        assert cmd.callback is not None and cmd.callback.__doc__
+        result = runner.invoke(app, [group, str(cmd.name), "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, result.output
+        assert f"digitwatch {group} {cmd.name}" in README
+    assert runner.invoke(app, [group, "--help"]).exit_code == 0
 
 
 @pytest.mark.parametrize("command", COMMANDS)

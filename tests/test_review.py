@@ -1,0 +1,79 @@
+"""The review queue: doubtful answers of the real daemon land there; decisions leave it for good."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from daemon_helpers import digit_png
+from typer.testing import CliRunner
+
+from digitwatch import review
+from digitwatch.cli import app
+from digitwatch.errors import ExitCode
+from digitwatch.results import Record
+
+runner = CliRunner()
+
+
+def _record(name: str, digit: int | None, confidence: float | None, when: str) -> Record:
+    status = "ok" if digit is not None else "no_digit"
+    return Record(
+        name, "ab" * 32, status, digit, confidence, True, None, None, "m", 28, 28, 1.0, when, when
+    )
+
+
+def _queue(tmp_path: Path) -> Path:
+    folder = tmp_path / "review"
+    for i, (digit, conf) in enumerate([(7, 0.41), (None, None), (3, 0.55)]):
+        src = tmp_path / f"in{i}.png"
+        src.write_bytes(digit_png(i))
+        rec = _record(f"in{i}.png", digit, conf, f"2026-12-03T06:0{i}:00+00:00")
+        assert review.add(folder, f"c{i}", rec, src, b"png")
+    return folder
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["review", *args])
+    return result.exit_code, result.output
+
+
+def test_list_newest_first_then_decide_each_way(tmp_path: Path) -> None:
+    folder = _queue(tmp_path)
+    code, out = _cli("--review-dir", str(folder))
+    assert code == 0, out
+    lines = out.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["c2", "c1", "c0"]
+    code, out = _cli("--review-dir", str(folder), "--json")
+    assert [json.loads(line)["id"] for line in out.splitlines()] == ["c2", "c1", "c0"]
+
+    assert _cli("accept", "c0", "--review-dir", str(folder))[0] == 0
+    assert _cli("correct", "c2", "--digit", "0", "--review-dir", str(folder))[0] == 0
+    code, out = _cli("reject", "c1", "--review-dir", str(folder))
+    assert code == 0 and "not a digit" in out
+    assert _cli("--review-dir", str(folder))[1].startswith("the review queue is empty")
+
+    with (folder / review.LABELS).open(newline="") as f:
+        rows = {r["input"]: r for r in csv.DictReader(f)}
+    assert rows["in0.png"]["model_digit"] == "7" and rows["in0.png"]["human_digit"] == "7"
+    assert rows["in2.png"]["human_digit"] == "0", "digit 0 is a digit, not 'none'"
+    assert rows["in1.png"]["model_digit"] == "" and rows["in1.png"]["human_digit"] == "none"
+    images = dict(review.labels(folder / review.LABELS))
+    assert sorted(images.values(), key=str) == [0, 7, None]
+    assert all(p.exists() for p in images)
+
+    # Decided items never come back: not by a second decision, not by the service.
+    code, out = _cli("accept", "c0", "--review-dir", str(folder))
+    assert code == ExitCode.REVIEW and "decided already" in out
+    rec = _record("in0.png", 7, 0.41, "2026-12-03T06:00:00+00:00")
+    assert not review.add(folder, "c0", rec, tmp_path / "in0.png", None)
+    assert _cli("accept", "nope", "--review-dir", str(folder))[0] == ExitCode.REVIEW
+    assert _cli("accept", "c1", "--review-dir", str(folder))[0] == ExitCode.REVIEW
+
+
+def test_accept_refuses_an_answer_without_a_digit(tmp_path: Path) -> None:
+    folder = _queue(tmp_path)
+    code, out = _cli("accept", "c1", "--review-dir", str(folder))
+    assert code == ExitCode.REVIEW and "no digit" in out
+    assert (folder / "c1").is_dir(), "a refused decision leaves the item queued"
