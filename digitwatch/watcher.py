@@ -35,6 +35,8 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.polling import PollingObserver
 
+from digitwatch.results import CSV_NAME
+
 STATE_DIR = ".digitwatch"  # the service's own area inside the inbox; hidden, so never input
 
 # Hints: what the event says about completeness.
@@ -45,6 +47,10 @@ SCAN = "scan"  # found by the backlog scan or a rescan
 QUIET = "quiet"  # polling: only size+mtime stability can tell
 DIRECTORY = "dir"  # a folder appeared (recursive mode): scan it
 OVERFLOW = "overflow"  # the kernel dropped events: rescan the whole inbox now
+
+# The outbox's own names at its top level: an inbox subfolder of one of these names
+# (--recursive) would be mirrored onto results.csv, so its files are never inputs.
+RESERVED_FOLDERS = frozenset({CSV_NAME})
 
 _TEMP_SUFFIXES = (".part", ".tmp", ".crdownload")
 _TEMP_NAMES = frozenset({"thumbs.db"})
@@ -74,7 +80,8 @@ class _Filter:
         if "/" in rel:
             if not self.recursive:
                 return None
-            if any(ignored_name(p) for p in rel.split("/")):
+            parts = rel.split("/")
+            if parts[0] in RESERVED_FOLDERS or any(ignored_name(p) for p in parts):
                 return None
             return rel
         return None if ignored_name(rel) else rel
@@ -192,6 +199,8 @@ class _Inotify(threading.Thread):
             except OSError:
                 continue
             for entry in entries:
+                if _reserved_folder(entry.path, self._root):
+                    continue
                 with contextlib.suppress(OSError):
                     if not ignored_name(entry.name) and entry.is_dir(follow_symlinks=False):
                         self._watch(entry.path)
@@ -238,6 +247,8 @@ class _Inotify(threading.Thread):
                 continue
             path = f"{folder}/{name}"
             if mask & _IN_ISDIR:
+                if _reserved_folder(path, self._root):
+                    continue
                 if self._recursive and mask & (_IN_CREATE | _IN_MOVED_TO):
                     self._watch_tree(path)  # before the scan, so nothing lands unseen
                     sink((path, DIRECTORY))
@@ -278,9 +289,14 @@ class Watcher:
             self._observer.join(timeout=5.0)
 
 
-def scan(root: Path, *, recursive: bool) -> Iterator[str]:
-    """Every candidate path now in the inbox (non-directories; the daemon lstats them)."""
+def scan(root: Path, *, recursive: bool, inbox: bool = True) -> Iterator[str]:
+    """Every candidate path now in the inbox (non-directories; the daemon lstats them).
+
+    `inbox`: `root` is the inbox itself, not a folder below it, so its reserved folder
+    names (RESERVED_FOLDERS) are skipped.
+    """
     stack = [str(root)]
+    top = str(root) if inbox else None
     while stack:
         top = stack.pop()
         try:
@@ -295,10 +311,15 @@ def scan(root: Path, *, recursive: bool) -> Iterator[str]:
             except OSError:
                 continue
             if is_dir:
-                if recursive:
+                if recursive and not (top and _reserved_folder(entry.path, top)):
                     stack.append(entry.path)
             else:
                 yield entry.path
+
+
+def _reserved_folder(path: str, root: str) -> bool:
+    folder, _, name = path.rpartition("/")
+    return name in RESERVED_FOLDERS and folder == root
 
 
 def writer_open(path: str) -> bool | None:
