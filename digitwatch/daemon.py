@@ -432,6 +432,7 @@ class Daemon:
         self.backoff = 0.0
         self.next_hold_log = 0.0
         self.inbox_ino = -1
+        self.work_ino = -1  # our work folder's inode: gone or another when .digitwatch is
         self.next_rescan = float("inf")
         self.watcher = Watcher(
             inbox, recursive=settings.recursive, poll=settings.poll, sink=self.queue.put
@@ -456,6 +457,7 @@ class Daemon:
         try:
             self.inbox_ino = self.inbox.stat().st_ino
             self._make_folders()
+            self.work_ino = self.work.stat().st_ino
             self._adopt_dead_peers()
             self.settler.start()
             self.watcher.start()  # before the scan, so nothing lands unseen in between
@@ -693,6 +695,23 @@ class Daemon:
             ino = -1
         if ino != self.inbox_ino:
             raise FolderError(f"inbox {self.inbox} disappeared while being watched")
+        self._check_state()
+
+    def _check_state(self) -> None:
+        """`.digitwatch` removed or renamed under us: claims would fail, exit instead.
+
+        Our claimed files went with it (or are gone), so a new one made here would not
+        recover them; a restart makes the folders anew and adopts what is there.
+        """
+        try:
+            ino = self.work.stat().st_ino
+        except OSError:
+            ino = -1
+        if ino != self.work_ino:
+            raise FolderError(
+                f"{self.inbox / STATE_DIR} was removed or renamed while running; "
+                "exiting so that a restart makes it again"
+            )
 
     def _take(self, item: tuple[str, str]) -> None:
         path, hint = item
@@ -724,6 +743,7 @@ class Daemon:
         """Catch what inotify dropped (queue overflow is silent) and adopt dead peers' work."""
         # Recovery answers whatever sits unanswered in our work folder: our own batches
         # in flight must be committed and archived first, or they would be answered twice.
+        self._check_state()
         self._flush()
         self._adopt_dead_peers()
         for path in scan(self.inbox, recursive=self.s.recursive):
@@ -833,7 +853,12 @@ class Daemon:
         try:
             os.rename(path, target)  # noqa: PTH104 (per file: plain strings, see __init__)
         except FileNotFoundError:
-            return None  # a peer claimed it first
+            if not os.path.lexists(path):
+                return None  # a peer claimed it first
+            # The file is there, so the target folder is not: ours, or a subfolder of it.
+            self._check_state()
+            self._dirs.discard(folder)  # a subfolder of it was removed: made again next time
+            return None
         except OSError as e:
             log.warning("skipped", input=input_text(rel)[0], reason=f"cannot claim: {e.strerror}")
             return None

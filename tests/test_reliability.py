@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from daemon_helpers import DaemonProcess, csv_rows, digit_png, drop, results, wa
 from test_daemon import assert_exactly_once, state
 
 from digitwatch.daemon import _repair_tail
+from digitwatch.errors import ExitCode
 
 pytestmark = pytest.mark.slow
 
@@ -313,3 +315,37 @@ def test_a_row_torn_inside_a_quoted_name_is_cut_on_recovery(folders: tuple[Path,
         assert d.stop() == 0, d.log.read_text()
     assert d.has_event("csv_repaired")
     assert_exactly_once(outbox, {"before.png", "after.png", "new\nline.png"})
+
+
+@pytest.mark.parametrize("how", ["renamed", "removed"])
+def test_a_vanished_state_folder_ends_the_service_with_one_line(
+    folders: tuple[Path, Path], how: str
+) -> None:
+    """.digitwatch renamed or removed while running: exit 4 with one line, then recover."""
+    inbox, outbox = folders
+    d = DaemonProcess(inbox, outbox, "--rescan-interval", "1")
+    try:
+        d.wait_ready()
+        drop(inbox, "first.png", digit_png(0))
+        wait_for(lambda: len(state(inbox, "processed")) == 1, 10, "the first answer settled")
+        if how == "renamed":
+            (inbox / ".digitwatch").rename(inbox.parent / "moved-state")
+        else:
+            shutil.rmtree(inbox / ".digitwatch")
+        drop(inbox, "second.png", digit_png(1))
+        code = d.proc.wait(10)
+    finally:
+        d.close()
+    text = d.log.read_text()
+    assert code == int(ExitCode.FOLDER), text
+    assert "Traceback" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("digitwatch: error:")]
+    assert len(errors) == 1 and ".digitwatch was removed or renamed" in errors[0], text
+    assert (inbox / "second.png").exists(), "the file waits in the inbox, not silently lost"
+    d = DaemonProcess(inbox, outbox)
+    try:
+        d.wait_ready()
+        wait_for(lambda: len(csv_rows(outbox)) == 2, 10, "answered after the restart")
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+    assert_exactly_once(outbox, {"first.png", "second.png"})
