@@ -63,6 +63,7 @@ from digitwatch.watcher import (
     STATE_DIR,
     Gate,
     Watcher,
+    check_watchable,
     scan,
 )
 
@@ -109,6 +110,7 @@ def serve(settings: Settings, *, check_only: bool = False) -> int:
     inbox, outbox = check_folders(settings)
     weights = load_weights(settings.weights)
     if check_only:
+        check_watchable(inbox, poll=settings.poll)
         print(f"digitwatch: ok: inbox {inbox}, outbox {outbox}, model {weights.model_id}")
         return 0
     # Everything loaded so far lives as long as the process: keep the collector from

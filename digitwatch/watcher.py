@@ -35,6 +35,7 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.polling import PollingObserver
 
+from digitwatch.errors import WatchLimit
 from digitwatch.results import CSV_NAME
 
 STATE_DIR = ".digitwatch"  # the service's own area inside the inbox; hidden, so never input
@@ -165,14 +166,16 @@ class _Inotify(threading.Thread):
         self._libc = _libc()
         self._fd = -1
         self._dirs: dict[int, str] = {}  # watch descriptor -> folder path
+        self._warned_full = False  # the watch limit was hit and said so (once)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
 
     def start(self) -> None:
-        self._fd = self._libc.inotify_init1(_IN_CLOEXEC)
-        if self._fd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"inotify_init1: {os.strerror(e)}")
-        self._watch_tree(self._root, strict=True)
+        self._fd = _new_instance(self._libc)
+        try:
+            self._watch_tree(self._root, strict=True)
+        except BaseException:
+            os.close(self._fd)
+            raise
         super().start()
 
     def stop(self) -> None:
@@ -182,9 +185,17 @@ class _Inotify(threading.Thread):
     def _watch(self, folder: str, *, strict: bool = False) -> None:
         wd = self._libc.inotify_add_watch(self._fd, os.fsencode(folder), _MASK)
         if wd < 0:
+            e = ctypes.get_errno()
             if strict:
-                e = ctypes.get_errno()
-                raise OSError(e, f"cannot watch {folder}: {os.strerror(e)}")
+                _watch_failed(folder, e)
+            if e == errno.ENOSPC and not self._warned_full:
+                self._warned_full = True
+                log.warning(
+                    "cannot watch %s: the inotify watch limit is reached (%s); files in "
+                    "folders without a watch are found only by the rescan",
+                    folder,
+                    _limit("max_user_watches"),
+                )
             return  # gone again, or not a folder: a rescan covers it
         self._dirs[wd] = folder  # a folder renamed within the tree keeps its wd: re-point it
 
@@ -258,6 +269,49 @@ class _Inotify(threading.Thread):
                 sink((path, MOVED if cookie == last_from else CREATED))
             elif mask & _IN_CREATE:
                 sink((path, CREATED))
+
+
+def _limit(name: str) -> str:
+    try:
+        value = Path(f"/proc/sys/fs/inotify/{name}").read_text().strip()
+    except OSError:
+        value = "?"
+    return f"fs.inotify.{name} = {value}"
+
+
+def _new_instance(libc: Any) -> int:
+    fd = int(libc.inotify_init1(_IN_CLOEXEC))
+    if fd < 0:
+        e = ctypes.get_errno()
+        if e == errno.EMFILE:
+            raise WatchLimit(
+                f"cannot watch the inbox: the inotify instance limit is reached "
+                f"({_limit('max_user_instances')}); raise it, or use --poll"
+            )
+        raise WatchLimit(f"cannot watch the inbox: inotify_init1: {os.strerror(e)}")
+    return fd
+
+
+def _watch_failed(folder: str, e: int) -> None:
+    if e == errno.ENOSPC:
+        raise WatchLimit(
+            f"cannot watch {folder}: the inotify watch limit is reached "
+            f"({_limit('max_user_watches')}); raise it, or use --poll"
+        )
+    raise WatchLimit(f"cannot watch {folder}: {os.strerror(e)}")
+
+
+def check_watchable(root: Path, *, poll: float) -> None:
+    """Raise WatchLimit unless inotify can watch `root` now (`run --check`)."""
+    if poll > 0:
+        return  # polling needs no kernel resources
+    libc = _libc()
+    fd = _new_instance(libc)
+    try:
+        if libc.inotify_add_watch(fd, os.fsencode(root), _MASK) < 0:
+            _watch_failed(str(root), ctypes.get_errno())
+    finally:
+        os.close(fd)
 
 
 class Watcher:

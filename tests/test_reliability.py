@@ -349,3 +349,69 @@ def test_a_vanished_state_folder_ends_the_service_with_one_line(
     finally:
         assert d.stop() == 0, d.log.read_text()
     assert_exactly_once(outbox, {"first.png", "second.png"})
+
+
+def _inotify_limited(instances: int | None = None, watches: int | None = None) -> list[str]:
+    """A wrapper running the command in a user namespace with its own inotify limits."""
+    sets = []
+    if instances is not None:
+        sets.append(f"echo {instances} > /proc/sys/user/max_inotify_instances")
+    if watches is not None:
+        sets.append(f"echo {watches} > /proc/sys/user/max_inotify_watches")
+    probe = subprocess.run(
+        ["unshare", "-U", "-r", "sh", "-c", " && ".join(sets)], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"no user namespace with its own limits here: {probe.stderr.decode()}")
+    return ["unshare", "-U", "-r", "sh", "-c", " && ".join([*sets, 'exec "$@"']), "sh"]
+
+
+def test_no_inotify_instance_left_is_one_line_and_its_exit_code(
+    folders: tuple[Path, Path],
+) -> None:
+    inbox, outbox = folders
+    prefix = _inotify_limited(instances=0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIGITWATCH_")}
+    for extra in (["--check"], []):
+        done = subprocess.run(
+            [*prefix, sys.executable, "-m", "digitwatch", "run", "--inbox", str(inbox)]
+            + ["--outbox", str(outbox), "--log-format", "json", *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert done.returncode == int(ExitCode.WATCH_LIMIT), (extra, done.stderr)
+        assert "Traceback" not in done.stderr, done.stderr
+        lines = [x for x in done.stderr.splitlines() if x.startswith("digitwatch: error:")]
+        assert len(lines) == 1 and "inotify instance limit" in lines[0], done.stderr
+        assert "max_user_instances" in lines[0] and "--poll" in lines[0]
+    assert not list((inbox / ".digitwatch" / "work").iterdir()), "no work folder left behind"
+
+
+def test_no_inotify_watch_left_for_subfolders_warns_and_the_rescan_answers(
+    folders: tuple[Path, Path],
+) -> None:
+    inbox, outbox = folders
+    subs = [f"sub{i}" for i in range(4)]
+    for s in subs:
+        (inbox / s).mkdir()
+    d = DaemonProcess(
+        inbox,
+        outbox,
+        "--recursive",
+        "--rescan-interval",
+        "1",
+        prefix=_inotify_limited(watches=2),  # the inbox and one subfolder
+    )
+    try:
+        d.wait_ready()
+        for i, s in enumerate(subs):
+            drop(inbox / s, f"f{i}.png", digit_png(i), staging=inbox.parent / "staging")
+        wait_for(lambda: len(csv_rows(outbox)) == len(subs), 15, "answered by events or rescan")
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+    text = d.log.read_text()
+    assert text.count("inotify watch limit is reached") == 1, text
+    assert_exactly_once(outbox, {f"{s}/f{i}.png" for i, s in enumerate(subs)})
