@@ -53,14 +53,23 @@ from digitwatch.errors import FolderError, WatcherDied
 from digitwatch.logs import info_lines
 from digitwatch.metrics import Exporter, Metrics
 from digitwatch.pipeline import Input, Pipeline, Result
-from digitwatch.results import Record, csv_lines, write_json_atomic
+from digitwatch.results import CSV_NAME, Record, csv_lines, input_text, write_json_atomic
 from digitwatch.sdnotify import Notifier
 from digitwatch.settings import Settings
-from digitwatch.watcher import DIRECTORY, OVERFLOW, SCAN, STATE_DIR, Gate, Watcher, scan
+from digitwatch.watcher import (
+    DIRECTORY,
+    OVERFLOW,
+    RESERVED_FOLDERS,
+    SCAN,
+    STATE_DIR,
+    Gate,
+    Watcher,
+    check_watchable,
+    scan,
+)
 
 log = structlog.get_logger()
 
-CSV_NAME = "results.csv"
 _STOP = ("", "stop")
 _BATCH_DONE = ("", "batch-done")  # wakes the main loop: a batch's workers are through
 _STATUS_EVERY = 1.0
@@ -102,6 +111,7 @@ def serve(settings: Settings, *, check_only: bool = False) -> int:
     inbox, outbox = check_folders(settings)
     weights = load_weights(settings.weights)
     if check_only:
+        check_watchable(inbox, poll=settings.poll)
         print(f"digitwatch: ok: inbox {inbox}, outbox {outbox}, model {weights.model_id}")
         return 0
     # Everything loaded so far lives as long as the process: keep the collector from
@@ -138,6 +148,7 @@ class Claim:
     work: str  # where the claimed file is now
     detected_at: float  # wall clock
     size: int = 0  # bytes when claimed
+    answered_before: bool = False  # held or adopted: its JSON may be published already
 
     @property
     def subdir(self) -> str:
@@ -201,9 +212,13 @@ def _stamp() -> str:
 class WriteJson:
     """The daemon's Finisher: stamp each record and write its JSON, in the worker.
 
-    Each input's tag is (JSON path, detected_at). A missing folder below the outbox is
-    made (results mirrored from inbox subfolders, --recursive); a missing outbox is not
-    (an unmounted share): the error holds the batch until it is back.
+    Each input's tag is (JSON path, detected_at, answered before). A missing folder below
+    the outbox is made (results mirrored from inbox subfolders, --recursive); a missing
+    outbox is not (an unmounted share): the error holds the batch until it is back.
+
+    A claim whose JSON is already there (a held batch answered again, or an adopted
+    claim) keeps that JSON and its record: a published result never changes, however
+    often a batch that cannot commit is retried.
     """
 
     outbox: str
@@ -211,17 +226,41 @@ class WriteJson:
     def __call__(self, items: Sequence[Input], records: list[Record]) -> list[Record]:
         # Texts first, then files: one stage at a time keeps each in the caches.
         out = [r.stamped(item.tag[1], _stamp()) for item, r in zip(items, records, strict=True)]
-        for item, text in zip(items, [r.to_json() for r in out], strict=True):
+        for k, (item, text) in enumerate(zip(items, [r.to_json() for r in out], strict=True)):
             path = item.tag[0]
+            if item.tag[2]:  # answered before: a JSON may be published already
+                published = _published(path)
+                if published is not None:
+                    out[k] = published
+                    continue
+            tmp = _tmp_name(path)
             try:
-                write_json_atomic(path, text)
+                write_json_atomic(path, text, tmp_name=tmp)
             except FileNotFoundError:
                 folder = Path(path).parent
                 if folder == Path(self.outbox) or not Path(self.outbox).is_dir():
                     raise
                 folder.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(path, text)
+                write_json_atomic(path, text, tmp_name=tmp)
         return out
+
+
+def _tmp_name(json_path: str) -> str:
+    """`.tmp-<claim>` for `<name>.<claim>.json`: shorter than the result's name, and
+    hidden and without `.json`, so a reader globbing for results never opens it."""
+    return f".tmp-{json_path.rsplit('.', 2)[1]}"
+
+
+def _published(path: str) -> Record | None:
+    """The record in the complete JSON at `path`, or None when there is none to keep."""
+    try:
+        with open(path, encoding="utf-8") as f:  # noqa: PTH123 (plain strings, see Daemon)
+            return Record(**json.loads(f.read()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError):
+        # Unreadable or cut short (a power cut before the sync): never published whole.
+        return None
 
 
 def _load_syncfs() -> Any:
@@ -244,6 +283,20 @@ class Results:
         self._outbox = str(outbox)
         self.csv = outbox / CSV_NAME
         self.fsync = fsync
+        # (inode, offset) of the end of the last row this process wrote: a row boundary
+        # for as long as the file only grows, so the torn-row check reads only beyond it.
+        self._boundary: tuple[int, int] | None = None
+
+    def _row_boundary(self, fd: int) -> int:
+        """An offset of the open CSV known to end a whole row (0, the start, at worst)."""
+        st = os.fstat(fd)
+        if self._boundary is not None:
+            ino, end = self._boundary
+            if ino == st.st_ino and end <= st.st_size:
+                return end
+        # The summary covers whole rows only (it is advanced after each whole append).
+        known = summary.load(self.outbox, st)
+        return known.csv_size if known is not None else 0
 
     def json_path(self, claim: Claim) -> str:
         sub = claim.subdir
@@ -255,12 +308,14 @@ class Results:
         fd = os.open(self.csv, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            size = _repair_tail(fd)
+            size = _repair_tail(fd, self._row_boundary(fd))
             if unless_present and size:
                 present = _csv_keys(fd)
                 records = [r for r in records if (r.input, r.processed_at) not in present]
             if records:
-                data = csv_lines(records, header=size == 0).encode()
+                # A name with bytes that are not UTF-8 is escaped in its record
+                # (`input_text`); a JSON from before that rule must not stop the writer.
+                data = csv_lines(records, header=size == 0).encode("utf-8", "backslashreplace")
                 view = memoryview(data)
                 try:
                     while view:
@@ -271,6 +326,7 @@ class Results:
                         os.ftruncate(fd, size)
                     raise
                 summary.advance(self.outbox, fd)  # for `digitwatch status`, under the flock
+            self._boundary = (os.fstat(fd).st_ino, size + len(data) if records else size)
             return len(records)
         finally:
             os.close(fd)  # releases the flock
@@ -293,18 +349,44 @@ class Results:
                 os.close(fd)
 
 
-def _repair_tail(fd: int) -> int:
-    """Cut a row torn by a crash mid-write (no final newline); return the file size."""
+def _repair_tail(fd: int, known: int = 0) -> int:
+    """Cut a row torn by a crash mid-write; return the file size.
+
+    `known` is an offset that ends a whole row. A row ends at a line break outside
+    quotes (RFC 4180): an input name may hold line breaks inside its quoted field, so a
+    file that ends in a newline may still end inside a row. The bytes after `known` are
+    read with their quotes counted, and the file is cut after the last line break that
+    follows an even number of them.
+    """
     size = os.fstat(fd).st_size
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+    if known > size:
+        known = 0
+    keep = _whole_rows_end(fd, known, size)
+    if keep == size:
         return size
-    start = max(0, size - 65536)
-    tail = os.pread(fd, size - start, start)
-    cut = tail.rfind(b"\n")
-    keep = start + cut + 1 if cut >= 0 else 0
     os.ftruncate(fd, keep)
     log.warning("csv_repaired", dropped_bytes=size - keep)
     return keep
+
+
+def _whole_rows_end(fd: int, start: int, end: int) -> int:
+    """The end of the last whole row in bytes [start, end) of the CSV; `start` ends one."""
+    pos, inside, last = start, False, start
+    while pos < end:
+        chunk = os.pread(fd, min(end - pos, 1 << 20), pos)
+        if not chunk:
+            break
+        at = pos
+        for k, part in enumerate(chunk.split(b'"')):
+            if k:
+                inside = not inside  # a quote before this part: "" toggles twice
+            if not inside:
+                j = part.rfind(b"\n")
+                if j >= 0:
+                    last = at + j + 1
+            at += len(part) + 1
+        pos += len(chunk)
+    return last
 
 
 def _csv_keys(fd: int) -> set[tuple[str, str]]:
@@ -359,6 +441,7 @@ class Daemon:
         self.settle_error: BaseException | None = None
         self.settler = threading.Thread(target=self._settle_loop, name="digitwatch-settle")
         self.skipped: dict[str, int] = {}  # non-regular paths already logged, by inode
+        self.reserved_seen: set[str] = set()  # reserved subfolder names already logged
         self.counts = {"ok": 0, "no_digit": 0, "error": 0}
         self.stopping = False
         self.held_since: float | None = None  # when writing results first failed
@@ -366,6 +449,7 @@ class Daemon:
         self.backoff = 0.0
         self.next_hold_log = 0.0
         self.inbox_ino = -1
+        self.work_ino = -1  # our work folder's inode: gone or another when .digitwatch is
         self.next_rescan = float("inf")
         self.watcher = Watcher(
             inbox, recursive=settings.recursive, poll=settings.poll, sink=self.queue.put
@@ -390,11 +474,13 @@ class Daemon:
         try:
             self.inbox_ino = self.inbox.stat().st_ino
             self._make_folders()
+            self.work_ino = self.work.stat().st_ino
             self._adopt_dead_peers()
             self.settler.start()
             self.watcher.start()  # before the scan, so nothing lands unseen in between
             for path in scan(self.inbox, recursive=self.s.recursive):
                 self._offer(path, SCAN)
+            self._warn_reserved()
             self.next_rescan = time.monotonic() + self.s.rescan_interval
             self.notifier.ready(self._status())
             log.info(
@@ -514,9 +600,9 @@ class Daemon:
                     continue
                 claim_id, base = name.split("~", 1)
                 if claim_id in queued:
-                    continue  # its JSON may be from a failed attempt: it is answered anew
+                    continue  # ours, held: its next attempt keeps any JSON it published
                 rel = base if sub == "." else f"{sub}/{base}"
-                claim = Claim(rel, claim_id, f"{dirpath}/{name}", time.time())
+                claim = Claim(rel, claim_id, f"{dirpath}/{name}", time.time(), 0, True)
                 try:
                     data = json.loads(Path(self.results.json_path(claim)).read_text())
                     record = Record(**data)
@@ -626,6 +712,23 @@ class Daemon:
             ino = -1
         if ino != self.inbox_ino:
             raise FolderError(f"inbox {self.inbox} disappeared while being watched")
+        self._check_state()
+
+    def _check_state(self) -> None:
+        """`.digitwatch` removed or renamed under us: claims would fail, exit instead.
+
+        Our claimed files went with it (or are gone), so a new one made here would not
+        recover them; a restart makes the folders anew and adopts what is there.
+        """
+        try:
+            ino = self.work.stat().st_ino
+        except OSError:
+            ino = -1
+        if ino != self.work_ino:
+            raise FolderError(
+                f"{self.inbox / STATE_DIR} was removed or renamed while running; "
+                "exiting so that a restart makes it again"
+            )
 
     def _take(self, item: tuple[str, str]) -> None:
         path, hint = item
@@ -634,7 +737,7 @@ class Daemon:
         elif item is _BATCH_DONE:
             pass  # it only woke the loop
         elif hint == DIRECTORY:
-            for p in scan(Path(path), recursive=True):
+            for p in scan(Path(path), recursive=True, inbox=False):
                 self._offer(p, SCAN)
         elif hint == OVERFLOW:
             self.next_rescan = 0.0  # inotify dropped events: only a scan finds those files
@@ -657,11 +760,28 @@ class Daemon:
         """Catch what inotify dropped (queue overflow is silent) and adopt dead peers' work."""
         # Recovery answers whatever sits unanswered in our work folder: our own batches
         # in flight must be committed and archived first, or they would be answered twice.
+        self._check_state()
         self._flush()
         self._adopt_dead_peers()
         for path in scan(self.inbox, recursive=self.s.recursive):
             self._offer(path, SCAN)
+        self._warn_reserved()
         self.next_rescan = time.monotonic() + self.s.rescan_interval
+
+    def _warn_reserved(self) -> None:
+        """Say once that an inbox subfolder named like the outbox's own files is not read."""
+        if not self.s.recursive:
+            return
+        for name in sorted(RESERVED_FOLDERS):
+            folder = self.inbox / name
+            if name not in self.reserved_seen and folder.is_dir() and not folder.is_symlink():
+                self.reserved_seen.add(name)
+                log.warning(
+                    "skipped",
+                    input=f"{name}/",
+                    reason=f"the outbox keeps its own {name} there; the folder's files "
+                    "are left in place (rename the folder to have them read)",
+                )
 
     def _status(self) -> str:
         c = self.counts
@@ -729,20 +849,25 @@ class Daemon:
         except FileNotFoundError:
             return None
         except OSError as e:
-            log.warning("skipped", input=rel, reason=e.strerror)
+            log.warning("skipped", input=input_text(rel)[0], reason=e.strerror)
             return None
         claim_id = f"{time.time_ns():x}-{self._claim_tag}{next(self._counter):x}"
         sub, _, name = rel.rpartition("/")
         reason = None
         if not stat.S_ISREG(st.st_mode):
             reason = "not a regular file; left in place"
-        elif len(os.fsencode(name)) + len(claim_id) + 7 > _NAME_MAX:
-            # Its claim or result name would not fit: answering it would fail every batch.
-            reason = "name too long for a claimed or result name; left in place"
+        elif len(os.fsencode(name)) + len(claim_id) + len("..json") > _NAME_MAX:
+            # The longest name made from it, the result's `<name>.<claim>.json`, would not
+            # fit (the claimed `<claim>~<name>` and the temp file are shorter): answering it
+            # would fail every batch it is in.
+            reason = (
+                f"name too long: over {_NAME_MAX - len(claim_id) - 6} bytes, its result"
+                " name would not fit; left in place"
+            )
         if reason is not None:
             if self.skipped.get(path) != st.st_ino:
                 self.skipped[path] = st.st_ino
-                log.warning("skipped", input=rel, reason=reason)
+                log.warning("skipped", input=input_text(rel)[0], reason=reason)
             return None
         folder = self._work
         if sub:
@@ -752,9 +877,14 @@ class Daemon:
         try:
             os.rename(path, target)  # noqa: PTH104 (per file: plain strings, see __init__)
         except FileNotFoundError:
-            return None  # a peer claimed it first
+            if not os.path.lexists(path):
+                return None  # a peer claimed it first
+            # The file is there, so the target folder is not: ours, or a subfolder of it.
+            self._check_state()
+            self._dirs.discard(folder)  # a subfolder of it was removed: made again next time
+            return None
         except OSError as e:
-            log.warning("skipped", input=rel, reason=f"cannot claim: {e.strerror}")
+            log.warning("skipped", input=input_text(rel)[0], reason=f"cannot claim: {e.strerror}")
             return None
         return Claim(rel, claim_id, target, detected, st.st_size)
 
@@ -765,7 +895,11 @@ class Daemon:
                 c.rel,
                 path=c.work,
                 size=c.size,
-                tag=(self.results.json_path(c), _iso(int(c.detected_at * 1_000_000))),
+                tag=(
+                    self.results.json_path(c),
+                    _iso(int(c.detected_at * 1_000_000)),
+                    c.answered_before,
+                ),
             )
             for c in claims
         ]
@@ -804,11 +938,14 @@ class Daemon:
     def _hold(self, claims: list[Claim], error: OSError) -> None:
         """Writing results failed (a full disk): keep the files claimed, retry later.
 
-        Nothing of the batch is committed: a JSON already written is replaced when the file
-        is answered again (its name comes from the claim), and a failed CSV append is cut
-        back (`Results.append_csv`). The files are answered first when writing works again.
+        Nothing of the batch is committed: a failed CSV append is cut back
+        (`Results.append_csv`), and a JSON already written is kept as it is when the file
+        is answered again (`WriteJson`), so its readers never see a second version. The
+        files are answered first when writing works again.
         """
         now = time.monotonic()
+        for c in claims:
+            c.answered_before = True
         self.backlog[:0] = claims
         self.backoff = min(_RETRY_MAX, self.backoff * 2 or _RETRY_MIN)
         self.retry_at = now + self.backoff

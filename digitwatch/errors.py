@@ -17,6 +17,7 @@ class ExitCode(enum.IntEnum):
     DATA = 6  # MNIST absent and not downloadable
     INPUT_FAILED = 7  # predict: at least one input got an error record
     WATCHER_DIED = 8  # run: the filesystem observer stopped; systemd should restart us
+    WATCH_LIMIT = 9  # run: the inbox cannot be watched (inotify limits); raise them or --poll
     MISSING_EXTRA = 11  # train/evaluate without the `train` extra (torch, torchvision)
     REVIEW = 12  # review: no such item in the queue, or decided already
 
@@ -49,6 +50,10 @@ class MissingExtra(DigitwatchError):
 
 class WatcherDied(DigitwatchError):
     exit_code = ExitCode.WATCHER_DIED
+
+
+class WatchLimit(DigitwatchError):
+    exit_code = ExitCode.WATCH_LIMIT
 
 
 class InputError(DigitwatchError):

@@ -41,7 +41,7 @@ from digitwatch.classify import Classifier, Weights
 from digitwatch.codec import Gray, Header, Limits, decode_with_header, encode_png
 from digitwatch.errors import InputError
 from digitwatch.preprocess import to_mnist
-from digitwatch.results import Record, Status
+from digitwatch.results import Record, Status, input_text
 
 
 @dataclass(frozen=True)
@@ -385,10 +385,21 @@ class Pipeline:
         from whichever thread saw that; without workers, before `submit` returns.
         """
         if self._pool is None or not items:
-            done = self.answer(items, finish)
+            error: OSError | None = None
+            done: list[Result] = []
+            try:
+                done = self.answer(items, finish)
+            except OSError as e:  # from `finish`: raised by the call, as with workers
+                error = e
             if on_done is not None:
                 on_done()
-            return lambda: done
+
+            def inline() -> list[Result]:
+                if error is not None:
+                    raise error
+                return done
+
+            return inline
         # One chunk per worker keeps the hand-off cost off small images; big files go in
         # more, smaller chunks so the workers stay evenly busy on a batch of 12 MP photos
         # and, for bytes sent inline, no pipe carries a whole batch of them at once.
@@ -449,8 +460,9 @@ class Pipeline:
                 i = by_name[id(p)]
                 digit, probabilities = digits[i], rows[i]
                 confidence = probabilities[digit]
+            name, escaped = input_text(p.name)
             rec = Record(
-                input=p.name,
+                input=name,
                 sha256=p.sha256,
                 status=status,
                 digit=digit,
@@ -464,6 +476,7 @@ class Pipeline:
                 width=p.width,
                 height=p.height,
                 elapsed_ms=elapsed,
+                input_escaped=escaped,
             )
             results.append(Result(rec, p.image))
         return results

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 Status = Literal["ok", "no_digit", "error"]
 
+CSV_NAME = "results.csv"  # in the outbox: one row per answer
+
 CSV_COLUMNS = (
     "input",
     "sha256",
@@ -57,6 +59,7 @@ class Record:
     elapsed_ms: float
     detected_at: str | None = None  # daemon only
     processed_at: str | None = None  # daemon only
+    input_escaped: bool = False  # `input` shows bytes that are not UTF-8 as \xNN (input_text)
 
     def stamped(self, detected_at: str, processed_at: str) -> Record:
         """This record with the daemon's times.
@@ -110,6 +113,23 @@ def _record(values: tuple[Any, ...]) -> Record:
     return _bare_record(zip(_FIELDS, values, strict=True))
 
 
+def input_text(name: str) -> tuple[str, bool]:
+    """A file name as the record's `input`, and whether it had to be escaped.
+
+    Linux names are bytes; Python hands those that are not UTF-8 over with lone
+    surrogates, which JSON readers refuse and no UTF-8 file can hold. Such a name is
+    shown with each of those bytes as `\\xNN` and each backslash doubled, so the
+    bytes can be recovered exactly (and the flag says to), while the usual name, valid
+    UTF-8, is kept as it is.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = name.replace("\\", "\\\\").encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "backslashreplace"), True
+    return name, False
+
+
 def _csv_text(v: Any) -> str:
     if v is None:
         return ""
@@ -128,8 +148,12 @@ def csv_lines(records: list[Record], *, header: bool) -> str:
     return buf.getvalue()
 
 
-def write_json_atomic(path: str | Path, text: str, *, tmp_prefix: str = ".tmp-") -> None:
+def write_json_atomic(path: str | Path, text: str, *, tmp_name: str | None = None) -> None:
     """Write beside the target and rename: readers see the whole file or none.
+
+    The temp file is `.tmp-<name>`, or `tmp_name` (the daemon's, from the claim id, so
+    that it is never longer than the result's own name: a name the filesystem takes for
+    the result must never fail as a temp name).
 
     Not O_TMPFILE + linkat, though it is ~15 us cheaper per file: a linked file shows
     up in inotify only as IN_CREATE, never IN_MOVED_TO or IN_CLOSE_WRITE, so whatever
@@ -137,7 +161,7 @@ def write_json_atomic(path: str | Path, text: str, *, tmp_prefix: str = ".tmp-")
     """
     # Plain strings and os calls: the daemon writes one per image (pathlib added ~10 us).
     folder, _, name = os.fspath(path).rpartition("/")
-    tmp = f"{folder}/{tmp_prefix}{name}"
+    tmp = f"{folder}/{tmp_name or '.tmp-' + name}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         try:

@@ -35,6 +35,9 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.polling import PollingObserver
 
+from digitwatch.errors import WatchLimit
+from digitwatch.results import CSV_NAME
+
 STATE_DIR = ".digitwatch"  # the service's own area inside the inbox; hidden, so never input
 
 # Hints: what the event says about completeness.
@@ -45,6 +48,10 @@ SCAN = "scan"  # found by the backlog scan or a rescan
 QUIET = "quiet"  # polling: only size+mtime stability can tell
 DIRECTORY = "dir"  # a folder appeared (recursive mode): scan it
 OVERFLOW = "overflow"  # the kernel dropped events: rescan the whole inbox now
+
+# The outbox's own names at its top level: an inbox subfolder of one of these names
+# (--recursive) would be mirrored onto results.csv, so its files are never inputs.
+RESERVED_FOLDERS = frozenset({CSV_NAME})
 
 _TEMP_SUFFIXES = (".part", ".tmp", ".crdownload")
 _TEMP_NAMES = frozenset({"thumbs.db"})
@@ -74,7 +81,8 @@ class _Filter:
         if "/" in rel:
             if not self.recursive:
                 return None
-            if any(ignored_name(p) for p in rel.split("/")):
+            parts = rel.split("/")
+            if parts[0] in RESERVED_FOLDERS or any(ignored_name(p) for p in parts):
                 return None
             return rel
         return None if ignored_name(rel) else rel
@@ -158,14 +166,16 @@ class _Inotify(threading.Thread):
         self._libc = _libc()
         self._fd = -1
         self._dirs: dict[int, str] = {}  # watch descriptor -> folder path
+        self._warned_full = False  # the watch limit was hit and said so (once)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
 
     def start(self) -> None:
-        self._fd = self._libc.inotify_init1(_IN_CLOEXEC)
-        if self._fd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"inotify_init1: {os.strerror(e)}")
-        self._watch_tree(self._root, strict=True)
+        self._fd = _new_instance(self._libc)
+        try:
+            self._watch_tree(self._root, strict=True)
+        except BaseException:
+            os.close(self._fd)
+            raise
         super().start()
 
     def stop(self) -> None:
@@ -175,9 +185,17 @@ class _Inotify(threading.Thread):
     def _watch(self, folder: str, *, strict: bool = False) -> None:
         wd = self._libc.inotify_add_watch(self._fd, os.fsencode(folder), _MASK)
         if wd < 0:
+            e = ctypes.get_errno()
             if strict:
-                e = ctypes.get_errno()
-                raise OSError(e, f"cannot watch {folder}: {os.strerror(e)}")
+                _watch_failed(folder, e)
+            if e == errno.ENOSPC and not self._warned_full:
+                self._warned_full = True
+                log.warning(
+                    "cannot watch %s: the inotify watch limit is reached (%s); files in "
+                    "folders without a watch are found only by the rescan",
+                    folder,
+                    _limit("max_user_watches"),
+                )
             return  # gone again, or not a folder: a rescan covers it
         self._dirs[wd] = folder  # a folder renamed within the tree keeps its wd: re-point it
 
@@ -192,6 +210,8 @@ class _Inotify(threading.Thread):
             except OSError:
                 continue
             for entry in entries:
+                if _reserved_folder(entry.path, self._root):
+                    continue
                 with contextlib.suppress(OSError):
                     if not ignored_name(entry.name) and entry.is_dir(follow_symlinks=False):
                         self._watch(entry.path)
@@ -238,6 +258,8 @@ class _Inotify(threading.Thread):
                 continue
             path = f"{folder}/{name}"
             if mask & _IN_ISDIR:
+                if _reserved_folder(path, self._root):
+                    continue
                 if self._recursive and mask & (_IN_CREATE | _IN_MOVED_TO):
                     self._watch_tree(path)  # before the scan, so nothing lands unseen
                     sink((path, DIRECTORY))
@@ -247,6 +269,49 @@ class _Inotify(threading.Thread):
                 sink((path, MOVED if cookie == last_from else CREATED))
             elif mask & _IN_CREATE:
                 sink((path, CREATED))
+
+
+def _limit(name: str) -> str:
+    try:
+        value = Path(f"/proc/sys/fs/inotify/{name}").read_text().strip()
+    except OSError:
+        value = "?"
+    return f"fs.inotify.{name} = {value}"
+
+
+def _new_instance(libc: Any) -> int:
+    fd = int(libc.inotify_init1(_IN_CLOEXEC))
+    if fd < 0:
+        e = ctypes.get_errno()
+        if e == errno.EMFILE:
+            raise WatchLimit(
+                f"cannot watch the inbox: the inotify instance limit is reached "
+                f"({_limit('max_user_instances')}); raise it, or use --poll"
+            )
+        raise WatchLimit(f"cannot watch the inbox: inotify_init1: {os.strerror(e)}")
+    return fd
+
+
+def _watch_failed(folder: str, e: int) -> None:
+    if e == errno.ENOSPC:
+        raise WatchLimit(
+            f"cannot watch {folder}: the inotify watch limit is reached "
+            f"({_limit('max_user_watches')}); raise it, or use --poll"
+        )
+    raise WatchLimit(f"cannot watch {folder}: {os.strerror(e)}")
+
+
+def check_watchable(root: Path, *, poll: float) -> None:
+    """Raise WatchLimit unless inotify can watch `root` now (`run --check`)."""
+    if poll > 0:
+        return  # polling needs no kernel resources
+    libc = _libc()
+    fd = _new_instance(libc)
+    try:
+        if libc.inotify_add_watch(fd, os.fsencode(root), _MASK) < 0:
+            _watch_failed(str(root), ctypes.get_errno())
+    finally:
+        os.close(fd)
 
 
 class Watcher:
@@ -278,9 +343,14 @@ class Watcher:
             self._observer.join(timeout=5.0)
 
 
-def scan(root: Path, *, recursive: bool) -> Iterator[str]:
-    """Every candidate path now in the inbox (non-directories; the daemon lstats them)."""
+def scan(root: Path, *, recursive: bool, inbox: bool = True) -> Iterator[str]:
+    """Every candidate path now in the inbox (non-directories; the daemon lstats them).
+
+    `inbox`: `root` is the inbox itself, not a folder below it, so its reserved folder
+    names (RESERVED_FOLDERS) are skipped.
+    """
     stack = [str(root)]
+    top = str(root) if inbox else None
     while stack:
         top = stack.pop()
         try:
@@ -295,10 +365,15 @@ def scan(root: Path, *, recursive: bool) -> Iterator[str]:
             except OSError:
                 continue
             if is_dir:
-                if recursive:
+                if recursive and not (top and _reserved_folder(entry.path, top)):
                     stack.append(entry.path)
             else:
                 yield entry.path
+
+
+def _reserved_folder(path: str, root: str) -> bool:
+    folder, _, name = path.rpartition("/")
+    return name in RESERVED_FOLDERS and folder == root
 
 
 def writer_open(path: str) -> bool | None:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -93,9 +93,12 @@ class DaemonProcess:
         *extra: str,
         env: dict[str, str] | None = None,
         log: Path | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """`prefix` goes before the command (a wrapper such as `unshare`)."""
         self.log = log or outbox.parent / f"daemon-{time.monotonic_ns()}.log"
         cmd = [
+            *prefix,
             sys.executable,
             "-m",
             "digitwatch",
