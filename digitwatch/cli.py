@@ -247,6 +247,10 @@ def run(
     recursive: Annotated[
         bool | None, typer.Option("--recursive/--no-recursive", help="Watch subfolders too.")
     ] = None,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option(help="Also never take names matching this glob (repeatable).", metavar="GLOB"),
+    ] = None,
     quiet_period: Annotated[
         float | None,
         typer.Option(help="Seconds size and mtime must hold still when a close is not seen."),
@@ -305,6 +309,7 @@ def run(
             weights=weights,
             poll=poll,
             recursive=recursive,
+            ignore=tuple(ignore) if ignore else None,
             quiet_period=quiet_period,
             rescan_interval=rescan_interval,
             batch_size=batch_size,
@@ -340,10 +345,13 @@ def status(
 ) -> None:
     """Show what the service is doing, read from its folders (works while it runs)."""
     from digitwatch.status import collect, render
+    from digitwatch.watcher import Ignore
 
     def body() -> None:
         s = _settings(config, inbox=inbox, outbox=outbox, recursive=recursive)
-        st = collect(s.inbox.resolve(), s.outbox.resolve(), recursive=s.recursive)
+        st = collect(
+            s.inbox.resolve(), s.outbox.resolve(), recursive=s.recursive, ignore=Ignore(s.ignore)
+        )
         typer.echo(json.dumps(st.to_dict()) if as_json else render(st), nl=as_json)
 
     _guard(body)

@@ -63,6 +63,7 @@ from digitwatch.watcher import (
     SCAN,
     STATE_DIR,
     Gate,
+    Ignore,
     Watcher,
     check_watchable,
     scan,
@@ -451,8 +452,13 @@ class Daemon:
         self.inbox_ino = -1
         self.work_ino = -1  # our work folder's inode: gone or another when .digitwatch is
         self.next_rescan = float("inf")
+        self.ignore = Ignore(settings.ignore)
         self.watcher = Watcher(
-            inbox, recursive=settings.recursive, poll=settings.poll, sink=self.queue.put
+            inbox,
+            recursive=settings.recursive,
+            poll=settings.poll,
+            sink=self.queue.put,
+            ignore=self.ignore,
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -478,7 +484,7 @@ class Daemon:
             self._adopt_dead_peers()
             self.settler.start()
             self.watcher.start()  # before the scan, so nothing lands unseen in between
-            for path in scan(self.inbox, recursive=self.s.recursive):
+            for path in scan(self.inbox, recursive=self.s.recursive, ignore=self.ignore):
                 self._offer(path, SCAN)
             self._warn_reserved()
             self.next_rescan = time.monotonic() + self.s.rescan_interval
@@ -737,7 +743,7 @@ class Daemon:
         elif item is _BATCH_DONE:
             pass  # it only woke the loop
         elif hint == DIRECTORY:
-            for p in scan(Path(path), recursive=True, inbox=False):
+            for p in scan(Path(path), recursive=True, inbox=False, ignore=self.ignore):
                 self._offer(p, SCAN)
         elif hint == OVERFLOW:
             self.next_rescan = 0.0  # inotify dropped events: only a scan finds those files
@@ -763,7 +769,7 @@ class Daemon:
         self._check_state()
         self._flush()
         self._adopt_dead_peers()
-        for path in scan(self.inbox, recursive=self.s.recursive):
+        for path in scan(self.inbox, recursive=self.s.recursive, ignore=self.ignore):
             self._offer(path, SCAN)
         self._warn_reserved()
         self.next_rescan = time.monotonic() + self.s.rescan_interval

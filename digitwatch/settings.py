@@ -41,6 +41,7 @@ class Settings:
     download: bool = True
     poll: float = 0.0  # seconds between polls; 0 = inotify events
     recursive: bool = False
+    ignore: tuple[str, ...] = ()  # more file/folder name globs that are never input
     quiet_period: float = 2.0  # seconds size+mtime must hold still when completeness is unknown
     rescan_interval: float = 60.0
     batch_size: int = 64
@@ -90,6 +91,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 return False
         elif isinstance(default, Path):
             return Path(str(value)).expanduser()
+        elif isinstance(default, tuple):  # a list in TOML, comma-separated in the environment
+            items = value.split(",") if isinstance(value, str) else list(value)
+            if all(isinstance(i, str) for i in items):
+                return tuple(i.strip() for i in items if i.strip())
         elif isinstance(default, int | float) and not isinstance(value, bool):
             number = type(default)(value)
             if number >= 0:
@@ -167,5 +172,7 @@ def describe() -> list[tuple[str, str, str, str]]:
         shown = "weights/mnist-mlp.pt (shipped)" if name == "weights" else str(default)
         if name == "data_dir":
             shown = "~/.cache/digitwatch/mnist"
+        if name == "ignore":
+            shown = "none beyond the built-in list"
         rows.append(("--" + name.replace("_", "-"), env_name(name), name, shown))
     return rows

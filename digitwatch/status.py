@@ -21,7 +21,7 @@ from typing import Any
 
 from digitwatch import summary
 from digitwatch.errors import FolderError
-from digitwatch.watcher import STATE_DIR, scan
+from digitwatch.watcher import STATE_DIR, Ignore, ignored_name, scan
 
 CSV_NAME = "results.csv"
 TOP_ERRORS = 10
@@ -98,9 +98,10 @@ def _work_folders(inbox: Path) -> list[WorkFolder]:
     return out
 
 
-def _waiting(inbox: Path, recursive: bool, now: float) -> tuple[int, float | None]:
+def _waiting(inbox: Path, recursive: bool, ignore: Ignore) -> tuple[int, float | None]:
+    now = time.time()
     n, oldest = 0, None
-    for path in scan(inbox, recursive=recursive):
+    for path in scan(inbox, recursive=recursive, ignore=ignore):
         try:
             st = os.lstat(path)
         except OSError:
@@ -122,13 +123,15 @@ def _answers(outbox: Path) -> summary.Summary:
         os.close(fd)
 
 
-def collect(inbox: Path, outbox: Path, *, recursive: bool = False) -> Status:
+def collect(
+    inbox: Path, outbox: Path, *, recursive: bool = False, ignore: Ignore = ignored_name
+) -> Status:
     """Read the state of the inbox, the work folders and the outbox; FolderError if absent."""
     for role, folder in (("inbox", inbox), ("outbox", outbox)):
         if not folder.is_dir():
             raise FolderError(f"{role} {folder} does not exist or is not a folder")
     now = time.time()
-    waiting, oldest = _waiting(inbox, recursive, now)
+    waiting, oldest = _waiting(inbox, recursive, ignore)
     daemons = _work_folders(inbox)
     s = _answers(outbox)
     hour_ago = dt.datetime.fromtimestamp(now - 3600, dt.UTC)

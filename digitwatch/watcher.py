@@ -21,13 +21,15 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import fnmatch
 import logging
 import os
+import re
 import select
 import stat
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,28 +53,52 @@ OVERFLOW = "overflow"  # the kernel dropped events: rescan the whole inbox now
 
 # The outbox's own names at its top level: an inbox subfolder of one of these names
 # (--recursive) would be mirrored onto results.csv, so its files are never inputs.
-RESERVED_FOLDERS = frozenset({CSV_NAME})
+# The review queue's default home is outbox/review/ (settings.review_path).
+RESERVED_FOLDERS = frozenset({CSV_NAME, "review"})
 
-_TEMP_SUFFIXES = (".part", ".tmp", ".crdownload")
-_TEMP_NAMES = frozenset({"thumbs.db"})
+# Names that are never input, in any folder (case-insensitive globs): hidden names
+# (.DS_Store, ._resource forks, .syncthing.*.tmp, our .digitwatch), Office lock files,
+# partial downloads and sync-tool temporaries, and desktop litter. A file whose name
+# matches waits until it is renamed to a name that does not; a folder that matches is not
+# entered. `--ignore GLOB` adds to these.
+DEFAULT_IGNORE = (
+    ".*",
+    "~$*",
+    "~syncthing~*",
+    "*.part",
+    "*.partial",
+    "*.tmp",
+    "*.crdownload",
+    "@eaDir",
+    "thumbs.db",
+    "desktop.ini",
+)
 
 Sink = Callable[[tuple[str, str]], None]
 
 
-def ignored_name(name: str) -> bool:
-    """Hidden, temporary and desktop-litter names wait until they are renamed."""
-    if name.startswith((".", "~$")):  # also .DS_Store, .syncthing.*, our .digitwatch
-        return True
-    lower = name.lower()
-    return lower.endswith(_TEMP_SUFFIXES) or lower in _TEMP_NAMES
+class Ignore:
+    """Whether a file or folder name is never input: DEFAULT_IGNORE plus `extra` globs."""
+
+    def __init__(self, extra: Iterable[str] = ()) -> None:
+        self.patterns = DEFAULT_IGNORE + tuple(extra)
+        regex = "|".join(fnmatch.translate(p.lower()) for p in self.patterns)
+        self._match = re.compile(regex, re.DOTALL).match
+
+    def __call__(self, name: str) -> bool:
+        return self._match(name.lower()) is not None
+
+
+ignored_name = Ignore()
 
 
 class _Filter:
     """Decide from a path string alone (no syscalls) whether it may be an input."""
 
-    def __init__(self, root: Path, recursive: bool) -> None:
+    def __init__(self, root: Path, recursive: bool, ignore: Ignore = ignored_name) -> None:
         self.prefix = str(root) + "/"
         self.recursive = recursive
+        self.ignore = ignore
 
     def relative(self, path: str) -> str | None:
         if not path.startswith(self.prefix):
@@ -82,10 +108,10 @@ class _Filter:
             if not self.recursive:
                 return None
             parts = rel.split("/")
-            if parts[0] in RESERVED_FOLDERS or any(ignored_name(p) for p in parts):
+            if parts[0] in RESERVED_FOLDERS or any(self.ignore(p) for p in parts):
                 return None
             return rel
-        return None if ignored_name(rel) else rel
+        return None if self.ignore(rel) else rel
 
 
 class _Handler(FileSystemEventHandler):
@@ -158,10 +184,11 @@ class _Inotify(threading.Thread):
     ignored (so never `.digitwatch/`). Watches are added in `start()`, before it returns.
     """
 
-    def __init__(self, root: Path, recursive: bool, sink: Sink) -> None:
+    def __init__(self, root: Path, recursive: bool, sink: Sink, ignore: Ignore) -> None:
         super().__init__(name="digitwatch-inotify", daemon=True)
         self._root = str(root)
         self._recursive = recursive
+        self._ignore = ignore
         self._sink = sink
         self._libc = _libc()
         self._fd = -1
@@ -213,7 +240,7 @@ class _Inotify(threading.Thread):
                 if _reserved_folder(entry.path, self._root):
                     continue
                 with contextlib.suppress(OSError):
-                    if not ignored_name(entry.name) and entry.is_dir(follow_symlinks=False):
+                    if not self._ignore(entry.name) and entry.is_dir(follow_symlinks=False):
                         self._watch(entry.path)
                         stack.append(entry.path)
 
@@ -254,7 +281,7 @@ class _Inotify(threading.Thread):
                 dirs.pop(wd, None)  # a watched folder went away
                 continue
             folder = dirs.get(wd)
-            if folder is None or ignored_name(name):
+            if folder is None or self._ignore(name):
                 continue
             path = f"{folder}/{name}"
             if mask & _IN_ISDIR:
@@ -317,9 +344,17 @@ def check_watchable(root: Path, *, poll: float) -> None:
 class Watcher:
     """Owns the observer thread(s); `alive()` is False once any of them has died."""
 
-    def __init__(self, root: Path, *, recursive: bool, poll: float, sink: Sink) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        recursive: bool,
+        poll: float,
+        sink: Sink,
+        ignore: Ignore = ignored_name,
+    ) -> None:
         self.root = root
-        self.filter = _Filter(root, recursive)
+        self.filter = _Filter(root, recursive, ignore)
         self._observer: Any
         if poll > 0:
             self._observer = PollingObserver(timeout=poll)
@@ -328,7 +363,7 @@ class Watcher:
                 _Handler(self.filter, sink, polling=True), str(root), recursive=recursive
             )
         else:
-            self._observer = _Inotify(root, recursive, sink)
+            self._observer = _Inotify(root, recursive, sink, ignore)
 
     def start(self) -> None:
         self._observer.start()
@@ -343,14 +378,16 @@ class Watcher:
             self._observer.join(timeout=5.0)
 
 
-def scan(root: Path, *, recursive: bool, inbox: bool = True) -> Iterator[str]:
+def scan(
+    root: Path, *, recursive: bool, inbox: bool = True, ignore: Ignore = ignored_name
+) -> Iterator[str]:
     """Every candidate path now in the inbox (non-directories; the daemon lstats them).
 
     `inbox`: `root` is the inbox itself, not a folder below it, so its reserved folder
     names (RESERVED_FOLDERS) are skipped.
     """
     stack = [str(root)]
-    top = str(root) if inbox else None
+    inbox_root = str(root) if inbox else None
     while stack:
         top = stack.pop()
         try:
@@ -358,14 +395,15 @@ def scan(root: Path, *, recursive: bool, inbox: bool = True) -> Iterator[str]:
         except OSError:
             continue
         for entry in entries:
-            if ignored_name(entry.name):
+            if ignore(entry.name):
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 continue
             if is_dir:
-                if recursive and not (top and _reserved_folder(entry.path, top)):
+                reserved = inbox_root is not None and _reserved_folder(entry.path, inbox_root)
+                if recursive and not reserved:
                     stack.append(entry.path)
             else:
                 yield entry.path

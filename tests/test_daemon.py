@@ -588,3 +588,32 @@ def test_a_worker_killed_mid_batch_costs_no_file(folders: tuple[Path, Path]) -> 
     assert_exactly_once(outbox, {*names, "after.png"})
     assert {r["status"] for r in results(outbox)} == {"ok"}, "the files did not cause the crash"
     assert not state(inbox, "work")
+
+
+@pytest.mark.slow
+def test_ignored_names_are_never_taken(folders: tuple[Path, Path]) -> None:
+    inbox, outbox = folders
+    ignored = ["x.raw", "~syncthing~y.png", "z.png.partial", "sub/@eaDir/t.png", "hold"]
+    (inbox / "sub" / "@eaDir").mkdir(parents=True)
+    args = ("--recursive", "--ignore", "*.raw", "--ignore", "hold")
+    d = DaemonProcess(inbox, outbox, *args)
+    try:
+        d.wait_ready()
+        for rel in ignored:  # written in place and closed: events the watcher must drop
+            (inbox / rel).write_bytes(digit_png(1))
+        drop(inbox, "first.png", digit_png(2))
+        wait_for(lambda: len(csv_rows(outbox)) == 1, 20, "the first real input answered")
+        assert d.stop() == 0
+    finally:
+        d.close()
+    d = DaemonProcess(inbox, outbox, *args)  # its start-up scan must skip them too
+    try:
+        d.wait_ready()
+        drop(inbox, "second.png", digit_png(3))
+        wait_for(lambda: len(csv_rows(outbox)) == 2, 20, "the second real input answered")
+        assert d.stop() == 0
+    finally:
+        d.close()
+    assert [r["input"] for r in csv_rows(outbox)] == ["first.png", "second.png"]
+    for rel in ignored:
+        assert (inbox / rel).exists(), f"{rel} left where it was"

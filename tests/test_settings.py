@@ -62,3 +62,15 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     for option, env, _key, _default in settings.describe():
         assert f"`{option}`" in readme, option
         assert f"`{env}`" in readme, env
+
+
+def test_ignore_globs_from_every_source(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('ignore = ["*.raw", "scratch"]\n')
+    assert settings.load(config_file=cfg, environ={}).ignore == ("*.raw", "scratch")
+    env = {"DIGITWATCH_IGNORE": "*.raw, *.heic ,"}
+    assert settings.load(environ=env).ignore == ("*.raw", "*.heic")
+    assert settings.load({"ignore": ("*.x",)}, environ=env).ignore == ("*.x",)
+    cfg.write_text("ignore = [1]\n")
+    with pytest.raises(ConfigError):
+        settings.load(config_file=cfg, environ={})

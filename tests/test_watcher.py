@@ -16,6 +16,7 @@ from digitwatch.watcher import (
     QUIET,
     SCAN,
     Gate,
+    Ignore,
     Watcher,
     _Filter,
     ignored_name,
@@ -37,6 +38,11 @@ from digitwatch.watcher import (
         "Thumbs.db",
         ".DS_Store",
         ".digitwatch",
+        "~syncthing~photo.jpg.tmp",
+        "photo.jpg.partial",
+        "@eaDir",
+        "._photo.jpg",
+        "Desktop.ini",
     ],
 )
 def test_temp_and_hidden_names_are_ignored(name: str) -> None:
@@ -46,6 +52,21 @@ def test_temp_and_hidden_names_are_ignored(name: str) -> None:
 @pytest.mark.parametrize("name", ["7.png", "scan 1.JPG", "a.part.png", "tmp.png"])
 def test_ordinary_names_are_candidates(name: str) -> None:
     assert not ignored_name(name)
+
+
+def test_extra_globs_add_to_the_defaults_case_insensitively(tmp_path: Path) -> None:
+    ignore = Ignore(["*.raw", "scratch"])
+    assert ignore("IMG_1.RAW") and ignore("Scratch") and ignore(".hidden.png")
+    assert not ignore("IMG_1.jpg") and not ignored_name("IMG_1.RAW")
+    for rel in ["a.png", "b.raw", "scratch/c.png", "sub/@eaDir/d.png", "sub/e.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    found = sorted(Path(p).name for p in scan(tmp_path, recursive=True, ignore=ignore))
+    assert found == ["a.png", "e.png"]
+    deep = _Filter(tmp_path, recursive=True, ignore=ignore)
+    assert deep.relative(f"{tmp_path}/scratch/c.png") is None
+    assert deep.relative(f"{tmp_path}/sub/x.RAW") is None
+    assert deep.relative(f"{tmp_path}/sub/x.png") == "sub/x.png"
 
 
 def test_filter_depth_and_state_folder(tmp_path: Path) -> None:
