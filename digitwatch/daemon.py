@@ -46,9 +46,9 @@ from typing import Any
 
 import structlog
 
-from digitwatch import summary
+from digitwatch import review, summary
 from digitwatch.classify import load_weights
-from digitwatch.codec import Limits
+from digitwatch.codec import Limits, encode_png
 from digitwatch.errors import FolderError, WatcherDied
 from digitwatch.logs import info_lines
 from digitwatch.metrics import Exporter, Metrics
@@ -100,6 +100,9 @@ def check_folders(settings: Settings) -> tuple[Path, Path]:
             raise FolderError(f"{role} {folder} is not writable")
     if outbox == inbox or outbox.is_relative_to(inbox):
         raise FolderError(f"outbox {outbox} is the inbox or inside it: results would be read back")
+    queue_dir = settings.review_path.resolve()
+    if settings.review and queue_dir.is_relative_to(inbox):
+        raise FolderError(f"review folder {queue_dir} is inside the inbox: it would be read back")
     if settings.recursive and inbox.is_relative_to(outbox):
         raise FolderError(
             f"inbox {inbox} is inside outbox {outbox}: --recursive would mirror results into it"
@@ -223,10 +226,13 @@ class WriteJson:
     """
 
     outbox: str
+    review_dir: str | None = None  # doubtful answers are queued there too (review.py)
 
-    def __call__(self, items: Sequence[Input], records: list[Record]) -> list[Record]:
+    def __call__(self, items: Sequence[Input], results: list[Result]) -> list[Record]:
         # Texts first, then files: one stage at a time keeps each in the caches.
-        out = [r.stamped(item.tag[1], _stamp()) for item, r in zip(items, records, strict=True)]
+        out = [
+            r.record.stamped(item.tag[1], _stamp()) for item, r in zip(items, results, strict=True)
+        ]
         for k, (item, text) in enumerate(zip(items, [r.to_json() for r in out], strict=True)):
             path = item.tag[0]
             if item.tag[2]:  # answered before: a JSON may be published already
@@ -243,7 +249,21 @@ class WriteJson:
                     raise
                 folder.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(path, text, tmp_name=tmp)
+        if self.review_dir is not None:
+            for item, rec, result in zip(items, out, results, strict=True):
+                if review.wanted(rec):
+                    self._queue(item, rec, result)
         return out
+
+    def _queue(self, item: Input, rec: Record, result: Result) -> None:
+        """Queue a doubtful answer for a person; a failure here never holds the batch."""
+        assert self.review_dir is not None and item.path is not None
+        seen = None if result.image is None else encode_png(result.image)
+        claim_id = item.tag[0].rsplit(".", 2)[1]
+        try:
+            review.add(Path(self.review_dir), claim_id, rec, Path(item.path), seen)
+        except OSError as e:
+            log.warning("review_failed", input=rec.input, claim=claim_id, error=str(e))
 
 
 def _tmp_name(json_path: str) -> str:
@@ -419,7 +439,9 @@ class Daemon:
         self.notifier = notifier
         self.metrics = metrics or Metrics(model=pipeline.model_id, workers=settings.workers)
         self.results = Results(outbox, fsync=settings.fsync)
-        self.write_json = WriteJson(str(outbox))
+        self.write_json = WriteJson(
+            str(outbox), str(settings.review_path.resolve()) if settings.review else None
+        )
         state = inbox / STATE_DIR
         self.work_root = state / "work"
         self.archive = {"ok": state / "processed", "failed": state / "failed"}

@@ -111,9 +111,10 @@ def read_file(path: str, limit: int) -> tuple[bytes | None, str | None]:
         os.close(fd)
 
 
-# Writes each result and returns the records as they are to be reported; it runs in the
-# process that made them (a worker), so it must pickle (a module-level class instance).
-Finisher = Callable[[Sequence[Input], list[Record]], list[Record]]
+# Writes each result (it is handed the 28x28 images too) and returns the records as they
+# are to be reported; it runs in the process that made them (a worker), so it must pickle
+# (a module-level class instance).
+Finisher = Callable[[Sequence[Input], list["Result"]], list[Record]]
 
 _PR_SET_PDEATHSIG = 1
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -333,9 +334,7 @@ class Pipeline:
     ) -> list[Result]:
         if finish is None and keep_images:
             return results
-        records = [r.record for r in results]
-        if finish is not None:
-            records = finish(items, records)
+        records = [r.record for r in results] if finish is None else finish(items, results)
         return [
             Result(rec, r.image if keep_images else None)
             for rec, r in zip(records, results, strict=True)

@@ -6,7 +6,8 @@ import csv
 import json
 from pathlib import Path
 
-from daemon_helpers import digit_png
+import pytest
+from daemon_helpers import DaemonProcess, csv_rows, digit_png, drop, results, wait_for
 from typer.testing import CliRunner
 
 from digitwatch import review
@@ -77,3 +78,39 @@ def test_accept_refuses_an_answer_without_a_digit(tmp_path: Path) -> None:
     code, out = _cli("accept", "c1", "--review-dir", str(folder))
     assert code == ExitCode.REVIEW and "no digit" in out
     assert (folder / "c1").is_dir(), "a refused decision leaves the item queued"
+
+
+@pytest.mark.slow
+def test_the_daemon_queues_uncertain_and_no_digit_answers(folders: tuple[Path, Path]) -> None:
+    inbox, outbox = folders
+    # Threshold 1.0: every digit found is uncertain, so the clear 7 is queued too.
+    d = DaemonProcess(inbox, outbox, "--uncertain-below", "1.0")
+    try:
+        d.wait_ready()
+        drop(inbox, "seven.png", digit_png(1))
+        drop(inbox, "blank.png", digit_png(blank=True))
+        drop(inbox, "bad.png", b"not an image")
+        wait_for(lambda: len(csv_rows(outbox)) == 3, 20, "three CSV rows")
+        wait_for(lambda: len(review.items(outbox / "review")) == 2, 10, "two review items")
+        assert d.stop() == 0
+    finally:
+        d.close()
+    found = {i.record["input"]: i for i in review.items(outbox / "review")}
+    assert set(found) == {"seven.png", "blank.png"}, "errors are not for review"
+    seven = found["seven.png"]
+    assert seven.image.read_bytes() == digit_png(1)
+    assert (seven.folder / review.SEEN).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (found["blank.png"].folder / review.SEEN).exists(), "no digit: nothing was seen"
+    assert seven.record["processed_at"] in {r["processed_at"] for r in csv_rows(outbox)}
+    assert len(results(outbox)) == 3, "review records are not results"
+
+    code, _ = _cli("correct", seven.id, "--digit", "1", "--outbox", str(outbox))
+    assert code == 0
+    d = DaemonProcess(inbox, outbox, "--uncertain-below", "1.0", "--no-review")
+    try:
+        d.wait_ready()
+        drop(inbox, "again.png", digit_png(2))
+        wait_for(lambda: len(csv_rows(outbox)) == 4, 20, "a fourth CSV row")
+    finally:
+        d.stop()
+    assert {i.record["input"] for i in review.items(outbox / "review")} == {"blank.png"}
