@@ -269,6 +269,13 @@ def run(
     ] = None,
     max_pixels: Annotated[int | None, typer.Option(help="Largest image, in pixels.")] = None,
     max_file_mb: Annotated[float | None, typer.Option(help="Largest file, in MB.")] = None,
+    max_decode_mb: Annotated[
+        float | None, typer.Option(help="Memory all decodes in flight may take at once, in MB.")
+    ] = None,
+    stop_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds SIGTERM waits for batches in the workers before leaving them."),
+    ] = None,
     uncertain_below: Annotated[
         float | None, typer.Option(help="Confidence under this sets uncertain: true.")
     ] = None,
@@ -300,6 +307,8 @@ def run(
             on_success=on_success,
             max_pixels=max_pixels,
             max_file_mb=max_file_mb,
+            max_decode_mb=max_decode_mb,
+            stop_timeout=stop_timeout,
             uncertain_below=uncertain_below,
             log_format=log_format,
             log_level=log_level,

@@ -31,7 +31,7 @@ def _files(paths: list[Path], recursive: bool) -> Iterator[Path]:
 def predict_paths(
     paths: list[Path], settings: Settings, *, debug_dir: Path | None = None
 ) -> list[Result]:
-    limits = Limits(settings.max_pixels, settings.max_file_bytes)
+    limits = Limits(settings.max_pixels, settings.max_file_bytes, settings.max_decode_bytes)
     files = list(_files(paths, settings.recursive))
     results: list[Result] = []
     with Pipeline(

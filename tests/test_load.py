@@ -1,0 +1,167 @@
+"""Under load: large valid images against the watchdog, the memory budget and the stop bound.
+
+Every test runs the real daemon on a backlog of 36-megapixel 16-bit RGBA PNGs (1.3 MB
+each, ~1.2 s to decode on an idle core, 288 MB of pixels): the files the issue found
+the service mishandling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from daemon_helpers import DaemonProcess, children, csv_rows, results, stage, wait_for
+
+
+def rgba16_png(width: int, height: int) -> bytes:
+    """A 16-bit RGBA PNG: a '7' drawn only in the alpha channel over a color gradient."""
+    img = np.zeros((height, width, 4), np.uint16)
+    img[:, :, 0] = (np.arange(width, dtype=np.uint32) * 65535 // width).astype(np.uint16)
+    img[:, :, 1:3] = 20000
+    alpha = np.zeros((height, width), np.uint8)
+    s = min(width, height) / 28
+    pen = int(2 * s) + 1
+    cv2.line(alpha, (int(8 * s), int(6 * s)), (int(20 * s), int(6 * s)), 255, pen)
+    cv2.line(alpha, (int(20 * s), int(6 * s)), (int(12 * s), int(23 * s)), 255, pen)
+    img[:, :, 3] = alpha.astype(np.uint16) * 257
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    assert ok
+    return bytes(buf.tobytes())
+
+
+@pytest.fixture(scope="session")
+def big_png() -> bytes:
+    return rgba16_png(6000, 6000)  # 36 MP
+
+
+class NotifyListener:
+    """A NOTIFY_SOCKET for the daemon: every datagram's fields, with when it arrived."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, list[str]]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="notify-listener")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            with self._lock:
+                self.messages.append((time.monotonic(), data.decode().split("\n")))
+
+    def times(self, field: str) -> list[float]:
+        with self._lock:
+            return [t for t, fields in self.messages if field in fields]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifyListener]:
+    listener = NotifyListener(tmp_path / "notify.sock")
+    yield listener
+    listener.close()
+
+
+def backlog(inbox: Path, data: bytes, n: int) -> list[str]:
+    """`n` copies of `data` renamed into the inbox at once (before the daemon starts)."""
+    names = [f"big{i:02d}.png" for i in range(n)]
+    staging = stage(inbox, dict.fromkeys(names, data))
+    for name in names:
+        (staging / name).rename(inbox / name)
+    return names
+
+
+WATCHDOG_USEC = 3_000_000  # a ping due every 1.5 s
+
+
+def test_slow_batches_of_large_images_keep_the_watchdog_fed(
+    folders: tuple[Path, Path], notify: NotifyListener, big_png: bytes
+) -> None:
+    """Six 36 MP PNGs in batches of two: each batch takes seconds and three are in flight,
+    so the main loop waits on the workers far longer than a ping interval. Files keep
+    finishing, so no gap between pings may come near WATCHDOG_USEC (systemd's kill)."""
+    inbox, outbox = folders
+    names = backlog(inbox, big_png, 6)
+    d = DaemonProcess(
+        inbox,
+        outbox,
+        "--batch-size",
+        "2",
+        env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)},
+    )
+    try:
+        wait_for(lambda: bool(notify.times("READY=1")), 20, "READY=1")
+        start = notify.times("READY=1")[0]
+        wait_for(lambda: len(csv_rows(outbox)) == len(names), 120, "every file answered")
+        end = time.monotonic()
+        pings = [t for t in notify.times("WATCHDOG=1") if start <= t <= end]
+        # The whole backlog took several ping intervals; a ping at least every 1.5 s
+        # plus scheduling slack, never the 3 s after which systemd kills.
+        assert end - start > 2 * WATCHDOG_USEC / 1e6, "the backlog was too quick to tell"
+        gaps = [round(b - a, 2) for a, b in itertools.pairwise([start, *pings, end])]
+        assert max(gaps) < 0.75 * WATCHDOG_USEC / 1e6, gaps
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+    assert sorted(str(r["input"]) for r in results(outbox)) == names
+    assert {r["status"] for r in results(outbox)} == {"ok"}
+
+
+def test_a_stopped_worker_on_a_large_image_stops_the_pings(
+    folders: tuple[Path, Path], notify: NotifyListener, big_png: bytes
+) -> None:
+    """One worker SIGSTOPped mid-backlog: the other finishes what it can, then no file
+    moves, and the pings must stop for longer than WATCHDOG_USEC (systemd would restart
+    the service). Continued, the worker finishes and the pings come back."""
+    inbox, outbox = folders
+    names = backlog(inbox, big_png, 4)
+    d = DaemonProcess(
+        inbox,
+        outbox,
+        "--batch-size",
+        "2",
+        env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)},
+    )
+    stopped: list[int] = []
+    try:
+        wait_for(lambda: bool(notify.times("READY=1")), 20, "READY=1")
+        stopped = children(d.proc.pid)[:1]
+        os.kill(stopped[0], signal.SIGSTOP)
+        sent = time.monotonic()
+
+        def silent_for_a_period() -> bool:
+            last = max([sent, *notify.times("WATCHDOG=1")])
+            return time.monotonic() - last > WATCHDOG_USEC / 1e6 + 0.5
+
+        wait_for(silent_for_a_period, 60, "the pings to stop")
+        assert len(csv_rows(outbox)) < len(names)
+        os.kill(stopped[0], signal.SIGCONT)
+        stopped = []
+        resumed = time.monotonic()
+        wait_for(lambda: len(csv_rows(outbox)) == len(names), 120, "every file answered")
+        wait_for(lambda: any(t > resumed for t in notify.times("WATCHDOG=1")), 10, "pings")
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        assert d.stop() == 0, d.log.read_text()
+    assert sorted(str(r["input"]) for r in results(outbox)) == names
