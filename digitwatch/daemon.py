@@ -652,8 +652,10 @@ class Daemon:
         """Wait for a batch's workers, pinging meanwhile; False once a stop is out of time."""
         while not batch.done.wait(_WAIT_TICK):
             self._ping()
-            if self.stopping and time.monotonic() >= self.stop_by:
-                return False
+            if self.stopping:
+                self._send_stopping()  # at once, not when this wait ends
+                if time.monotonic() >= self.stop_by:
+                    return False
         return True
 
     def _drain(self) -> None:

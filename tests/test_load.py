@@ -16,26 +16,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
-from daemon_helpers import DaemonProcess, children, csv_rows, results, stage, wait_for
-
-
-def rgba16_png(width: int, height: int) -> bytes:
-    """A 16-bit RGBA PNG: a '7' drawn only in the alpha channel over a color gradient."""
-    img = np.zeros((height, width, 4), np.uint16)
-    img[:, :, 0] = (np.arange(width, dtype=np.uint32) * 65535 // width).astype(np.uint16)
-    img[:, :, 1:3] = 20000
-    alpha = np.zeros((height, width), np.uint8)
-    s = min(width, height) / 28
-    pen = int(2 * s) + 1
-    cv2.line(alpha, (int(8 * s), int(6 * s)), (int(20 * s), int(6 * s)), 255, pen)
-    cv2.line(alpha, (int(20 * s), int(6 * s)), (int(12 * s), int(23 * s)), 255, pen)
-    img[:, :, 3] = alpha.astype(np.uint16) * 257
-    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    assert ok
-    return bytes(buf.tobytes())
+from daemon_helpers import (
+    DaemonProcess,
+    children,
+    csv_rows,
+    results,
+    rgba16_png,
+    stage,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="session")
@@ -165,3 +155,98 @@ def test_a_stopped_worker_on_a_large_image_stops_the_pings(
             os.kill(pid, signal.SIGCONT)
         assert d.stop() == 0, d.log.read_text()
     assert sorted(str(r["input"]) for r in results(outbox)) == names
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set of `pid`, 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def test_workers_on_large_images_stay_under_the_units_memory_limit(
+    folders: tuple[Path, Path], big_png: bytes
+) -> None:
+    """A backlog of 36 MP 16-bit RGBA PNGs with two workers: the daemon and its workers
+    together (RSS summed, so shared pages count twice) stay well under MemoryMax=1G.
+    Each such decode takes ~620 MB, so the shared decode budget lets one run at a time."""
+    inbox, outbox = folders
+    names = backlog(inbox, big_png, 4)
+    d = DaemonProcess(inbox, outbox, "--batch-size", "2")
+    peak = 0.0
+    try:
+        d.wait_ready(20)
+        end = time.monotonic() + 120
+        while len(csv_rows(outbox)) < len(names) and time.monotonic() < end:
+            pids = [d.proc.pid, *children(d.proc.pid)]
+            peak = max(peak, sum(rss_mb(p) for p in pids))
+            time.sleep(0.02)
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+    assert {r["status"] for r in results(outbox)} == {"ok"}, results(outbox)
+    assert len(results(outbox)) == len(names)
+    assert peak < 900, f"peak RSS of the daemon and its workers: {peak:.0f} MB"
+
+
+def test_an_image_over_the_decode_budget_gets_an_error_record(
+    folders: tuple[Path, Path], big_png: bytes
+) -> None:
+    inbox, outbox = folders
+    backlog(inbox, big_png, 1)
+    d = DaemonProcess(inbox, outbox, "--max-decode-mb", "200")
+    try:
+        d.wait_ready(20)
+        wait_for(lambda: len(csv_rows(outbox)) == 1, 20, "the answer")
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+    (record,) = results(outbox)
+    assert record["status"] == "error"
+    assert record["error"] == (
+        "PNG is 6000x6000 pixels: decoding would take ~584 MB, over the 200 MB decode "
+        "budget (--max-decode-mb)"
+    )
+    assert [p.name.split("~", 1)[1] for p in (inbox / ".digitwatch" / "failed").iterdir()] == [
+        "big00.png"
+    ]
+
+
+def test_sigterm_on_a_large_image_backlog_stops_within_the_bound(
+    folders: tuple[Path, Path], notify: NotifyListener, big_png: bytes
+) -> None:
+    """SIGTERM with three batches of 36 MP PNGs in flight (~15 s of work): STOPPING=1 at
+    once, exit 0 within the README's 10 s (the unit's TimeoutStopSec is 15); what was not
+    finished stays claimed, and the next start answers every file exactly once."""
+    inbox, outbox = folders
+    names = backlog(inbox, big_png, 18)
+    env = {"NOTIFY_SOCKET": str(notify.path)}
+    d = DaemonProcess(inbox, outbox, "--batch-size", "6", env=env)
+    try:
+        d.wait_ready(20)
+        wait_for(lambda: not list(inbox.glob("*.png")), 10, "the backlog claimed")
+        sent = time.monotonic()
+        d.signal(signal.SIGTERM)
+        code = d.proc.wait(15)
+        took = time.monotonic() - sent
+    finally:
+        d.close()
+    assert code == 0, d.log.read_text()
+    assert took < 10, f"stop took {took:.1f} s"
+    stopping = [t for t in notify.times("STOPPING=1") if t >= sent]
+    assert stopping and stopping[0] - sent < 1.0
+    assert d.has_event("stop_left_claimed")
+    assert len(csv_rows(outbox)) < len(names)
+
+    again = DaemonProcess(inbox, outbox, "--batch-size", "6")
+    try:
+        again.wait_ready(20)
+        wait_for(lambda: len(csv_rows(outbox)) >= len(names), 120, "every file answered")
+    finally:
+        assert again.stop() == 0, again.log.read_text()
+    assert sorted(r["input"] for r in csv_rows(outbox)) == names
+    assert sorted(str(r["input"]) for r in results(outbox)) == names
+    assert {r["status"] for r in results(outbox)} == {"ok"}
+    assert not [p.name for p in outbox.iterdir() if p.name.startswith(".tmp-")]
