@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 
 from digitwatch import settings as settings_mod
-from digitwatch.errors import DigitwatchError, ExitCode, MissingExtra
+from digitwatch.errors import DigitwatchError, ExitCode, MissingExtra, OutputError
 
 app = typer.Typer(
     name="digitwatch",
@@ -200,6 +202,23 @@ def evaluate(
 Format = Literal["table", "json", "jsonl", "csv"]
 
 
+def _write_stdout(text: str) -> None:
+    """Write and flush, or raise OutputError: a closed pipe, `>&-` or /dev/full."""
+    if sys.stdout is None:  # started with descriptor 1 closed
+        raise OutputError("cannot write the results: standard output is closed")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        # Python flushes stdout again at exit and would print a traceback for the same
+        # error: point descriptor 1 at /dev/null so that last flush succeeds, discarded.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        raise OutputError(f"cannot write the results: {e.strerror or e}") from None
+
+
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and folders of images.")],
@@ -226,7 +245,7 @@ def predict(
     def body() -> int:
         s = _settings(config, weights=weights, uncertain_below=uncertain_below, recursive=recursive)
         results = predict_paths(paths, s, debug_dir=debug_dir)
-        sys.stdout.write(render(results, output_format))
+        _write_stdout(render(results, output_format))
         failed = any(r.record.status == "error" for r in results)
         return int(ExitCode.INPUT_FAILED if failed else ExitCode.OK)
 

@@ -17,6 +17,7 @@ class ExitCode(enum.IntEnum):
     DATA = 6  # MNIST absent and not downloadable
     INPUT_FAILED = 7  # predict: at least one input got an error record
     WATCHER_DIED = 8  # run: the filesystem observer stopped; systemd should restart us
+    OUTPUT = 9  # predict: the results could not be written (closed stdout, full disk)
     MISSING_EXTRA = 11  # train/evaluate without the `train` extra (torch, torchvision)
 
 
@@ -48,6 +49,10 @@ class MissingExtra(DigitwatchError):
 
 class WatcherDied(DigitwatchError):
     exit_code = ExitCode.WATCHER_DIED
+
+
+class OutputError(DigitwatchError):
+    exit_code = ExitCode.OUTPUT
 
 
 class InputError(DigitwatchError):
