@@ -21,6 +21,8 @@ from daemon_helpers import (
     DaemonProcess,
     children,
     csv_rows,
+    digit_png,
+    drop,
     results,
     rgba16_png,
     stage,
@@ -250,3 +252,33 @@ def test_sigterm_on_a_large_image_backlog_stops_within_the_bound(
     assert sorted(str(r["input"]) for r in results(outbox)) == names
     assert {r["status"] for r in results(outbox)} == {"ok"}
     assert not [p.name for p in outbox.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGHUP, signal.SIGQUIT])
+def test_other_signals_have_a_meaning_and_never_kill_by_default(
+    folders: tuple[Path, Path], notify: NotifyListener, stop_signal: signal.Signals
+) -> None:
+    """SIGUSR1 logs the state, SIGUSR2 is ignored, by the daemon and by its workers (a
+    signal to the whole group reaches them too); SIGHUP and SIGQUIT stop the service as
+    SIGTERM does: STOPPING=1, exit 0."""
+    inbox, outbox = folders
+    d = DaemonProcess(inbox, outbox, env={"NOTIFY_SOCKET": str(notify.path)})
+    try:
+        d.wait_ready()
+        workers = children(d.proc.pid)
+        assert len(workers) == 2
+        for pid in [d.proc.pid, *workers]:
+            os.kill(pid, signal.SIGUSR1)
+            os.kill(pid, signal.SIGUSR2)
+        wait_for(lambda: d.has_event("status"), 5, "the status event")
+        (status,) = [e for e in d.events() if e.get("event") == "status"]
+        assert status["status"] == "0 ok, 0 no digit, 0 errors; 0 waiting"
+        drop(inbox, "after.png", digit_png(1))
+        wait_for(lambda: len(csv_rows(outbox)) == 1, 10, "an answer after the signals")
+        assert d.proc.poll() is None and children(d.proc.pid) == workers
+        d.signal(stop_signal)
+        assert d.proc.wait(10) == 0, d.log.read_text()
+    finally:
+        d.close()
+    assert notify.times("STOPPING=1")
+    assert d.has_event("stopped")
