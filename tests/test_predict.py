@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,37 @@ def test_predict_with_stdout_closed_is_one_line_and_exit_9(good: Path) -> None:
     assert _one_line(p.stderr) == (
         "digitwatch: error: cannot write the results: standard output is closed"
     )
+
+
+def test_predict_on_a_folder_follows_no_symlink_and_opens_no_fifo(
+    tmp_path: Path, good: Path
+) -> None:
+    """Inside a folder, the daemon's rule: regular files are read; a symlink (to a secret
+    outside, or a loop) is never followed and a FIFO never opened, and each gets an error
+    record instead of vanishing from the output; hidden names are left out."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "seven.png").write_bytes(good.read_bytes())
+    secret = tmp_path / "shadow.png"
+    secret.write_bytes(digit_png(3))
+    (folder / "link.png").symlink_to(secret)
+    (folder / "shadow").symlink_to("/etc/shadow")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    os.mkfifo(folder / "pipe.png")
+    (folder / ".hidden.png").write_bytes(digit_png(1))
+    p = subprocess.run(
+        [*PREDICT, str(folder), "--format", "jsonl"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert p.returncode == ExitCode.INPUT_FAILED, p.stderr
+    records = {r["input"]: r for r in map(json.loads, p.stdout.splitlines())}
+    assert sorted(records) == ["link.png", "loop.png", "pipe.png", "seven.png", "shadow"]
+    assert records["seven.png"]["status"] == "ok"
+    for name in ("link.png", "loop.png", "shadow"):
+        assert records[name]["status"] == "error"
+        assert records[name]["error"] == "a symbolic link inside a folder: not followed"
+        assert records[name]["sha256"] is None  # never read
+    assert records["pipe.png"]["error"] == "a FIFO: not read"
