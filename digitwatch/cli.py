@@ -359,5 +359,29 @@ def status(
     _guard(body)
 
 
+@app.command()
+def retry(
+    patterns: Annotated[
+        list[str] | None,
+        typer.Argument(help="Only inputs whose name matches one of these globs (default: all)."),
+    ] = None,
+    inbox: Annotated[Path | None, typer.Option(help="The service's inbox.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Move inputs that got an error record from .digitwatch/failed/ back into the inbox."""
+    from digitwatch.retry import retry_failed
+
+    def body() -> None:
+        s = _settings(config, inbox=inbox)
+        done = retry_failed(s.inbox.resolve(), patterns or [])
+        for name in done.moved:
+            typer.echo(f"retried {name}")
+        for name in done.taken:
+            typer.echo(f"left {name} in failed/: the inbox already has that name", err=True)
+        typer.echo(f"{len(done.moved)} moved back to the inbox, {len(done.taken)} left")
+
+    _guard(body)
+
+
 def main() -> None:
     app()
