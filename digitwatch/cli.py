@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 
 from digitwatch import settings as settings_mod
-from digitwatch.errors import DigitwatchError, ExitCode, MissingExtra
+from digitwatch.errors import DigitwatchError, ExitCode, MissingExtra, OutputError
 
 app = typer.Typer(
     name="digitwatch",
@@ -200,6 +202,23 @@ def evaluate(
 Format = Literal["table", "json", "jsonl", "csv"]
 
 
+def _write_stdout(text: str) -> None:
+    """Write and flush, or raise OutputError: a closed pipe, `>&-` or /dev/full."""
+    if sys.stdout is None:  # started with descriptor 1 closed
+        raise OutputError("cannot write the results: standard output is closed")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        # Python flushes stdout again at exit and would print a traceback for the same
+        # error: point descriptor 1 at /dev/null so that last flush succeeds, discarded.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        raise OutputError(f"cannot write the results: {e.strerror or e}") from None
+
+
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and folders of images.")],
@@ -226,7 +245,7 @@ def predict(
     def body() -> int:
         s = _settings(config, weights=weights, uncertain_below=uncertain_below, recursive=recursive)
         results = predict_paths(paths, s, debug_dir=debug_dir)
-        sys.stdout.write(render(results, output_format))
+        _write_stdout(render(results, output_format))
         failed = any(r.record.status == "error" for r in results)
         return int(ExitCode.INPUT_FAILED if failed else ExitCode.OK)
 
@@ -273,6 +292,13 @@ def run(
     ] = None,
     max_pixels: Annotated[int | None, typer.Option(help="Largest image, in pixels.")] = None,
     max_file_mb: Annotated[float | None, typer.Option(help="Largest file, in MB.")] = None,
+    max_decode_mb: Annotated[
+        float | None, typer.Option(help="Memory all decodes in flight may take at once, in MB.")
+    ] = None,
+    stop_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds SIGTERM waits for batches in the workers before leaving them."),
+    ] = None,
     uncertain_below: Annotated[
         float | None, typer.Option(help="Confidence under this sets uncertain: true.")
     ] = None,
@@ -319,6 +345,8 @@ def run(
             on_success=on_success,
             max_pixels=max_pixels,
             max_file_mb=max_file_mb,
+            max_decode_mb=max_decode_mb,
+            stop_timeout=stop_timeout,
             uncertain_below=uncertain_below,
             review=review,
             review_dir=review_dir,
@@ -461,6 +489,30 @@ def review_reject(
 ) -> None:
     """The image shows no digit."""
     _decide(config, outbox, review_dir, item_id, None)
+
+
+@app.command()
+def retry(
+    patterns: Annotated[
+        list[str] | None,
+        typer.Argument(help="Only inputs whose name matches one of these globs (default: all)."),
+    ] = None,
+    inbox: Annotated[Path | None, typer.Option(help="The service's inbox.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Move inputs that got an error record from .digitwatch/failed/ back into the inbox."""
+    from digitwatch.retry import retry_failed
+
+    def body() -> None:
+        s = _settings(config, inbox=inbox)
+        done = retry_failed(s.inbox.resolve(), patterns or [])
+        for name in done.moved:
+            typer.echo(f"retried {name}")
+        for name in done.taken:
+            typer.echo(f"left {name} in failed/: the inbox already has that name", err=True)
+        typer.echo(f"{len(done.moved)} moved back to the inbox, {len(done.taken)} left")
+
+    _guard(body)
 
 
 def main() -> None:

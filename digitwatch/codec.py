@@ -4,12 +4,16 @@ The format comes from the magic bytes, never from the file name. Width and heigh
 read from the header in pure Python and checked against `Limits` before OpenCV sees
 the data: OpenCV's own cap is 2^30 pixels, so a 30000x30000 PNG of under 1 MB would
 otherwise decode to 1.8 GB. Formats whose size cannot be read from the header are
-refused rather than decoded blind.
+refused rather than decoded blind. The memory a decode will take is estimated from the
+header too (`decode_cost`) and held to `Limits.max_decode_bytes`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,23 +46,36 @@ _REDUCED_FLAGS = (
 class Limits:
     max_pixels: int = 40_000_000
     max_bytes: int = 50 * 1024 * 1024
+    max_decode_bytes: int = 600 * 1024 * 1024  # settings.py explains the default
 
 
 @dataclass(frozen=True)
 class Header:
-    """What the header says: format, size, and whether pixels may carry transparency."""
+    """What the header says: format, size, whether pixels may carry transparency, and
+    the bytes per pixel OpenCV decodes with IMREAD_UNCHANGED (channels x sample size)."""
 
     format: str
     width: int
     height: int
     alpha: bool
+    pixel_bytes: int = 4
+
+
+# Holds `nbytes` of the decode budget for the duration of one decode: the workers share
+# one budget (pipeline.py), so two large files are decoded one after the other.
+Hold = Callable[[int], AbstractContextManager[None]]
+
+
+def _no_hold(nbytes: int) -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
 
 
 def _png(data: bytes) -> Header:
     if len(data) < 33 or data[12:16] != b"IHDR":
         raise InputError("truncated PNG header")
-    width, height, _depth, color_type = struct.unpack(">IIBB", data[16:26])
+    width, height, depth, color_type = struct.unpack(">IIBB", data[16:26])
     alpha = color_type in (4, 6)
+    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(color_type, 4)
     # Every chunk is walked (a few per small file, ~1 us each): OpenCV's PNG reader
     # allocates what a chunk's length field claims before reading it, so a 66-byte file
     # claiming a 4 GB chunk took 4.1 GB of RAM (found by `make fuzz`). A chunk must fit
@@ -75,8 +92,9 @@ def _png(data: bytes) -> Header:
             seen_idat = True
         elif kind == b"tRNS" and not seen_idat:
             alpha = True
+            channels = 4 if color_type in (2, 3) else 2  # OpenCV adds an alpha channel
         pos += 12 + length
-    return Header("PNG", width, height, alpha)
+    return Header("PNG", width, height, alpha, channels * (2 if depth == 16 else 1))
 
 
 # Start-of-frame markers carry the size; C4 (huffman tables), C8 and CC are not frames.
@@ -100,7 +118,7 @@ def _jpeg(data: bytes) -> Header:
             if pos + 9 > len(data):
                 break
             height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return Header("JPEG", width, height, False)
+            return Header("JPEG", width, height, False, 3)
         if marker == 0xDA or length < 2:  # scan data before any frame header
             break
         pos += 2 + length
@@ -175,7 +193,8 @@ def _tiff(data: bytes) -> Header:
     # ExtraSamples (338) marks an alpha channel; 2 samples means gray + alpha.
     # Four samples with PhotometricInterpretation 5 are CMYK, not RGBA.
     alpha = 338 in tags or (tags.get(277, 1) in (2, 4) and tags.get(262) != 5)
-    return Header("TIFF", tags[256], tags[257], alpha)
+    # Samples may be 16-bit or float (the sizes sit behind an offset): assume 4 x 16 bits.
+    return Header("TIFF", tags[256], tags[257], alpha, 8)
 
 
 def read_header(data: bytes) -> Header:
@@ -206,6 +225,23 @@ def _to_8bit(img: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     return np.asarray(np.clip(np.nan_to_num(f), 0, 255), dtype=np.uint8)
 
 
+# Strips converted at a time by _flatten: each conversion step makes a temporary array,
+# and on a whole 36 MP 16-bit RGBA image they added ~500 MB to the decoder's 288 MB.
+_STRIP_PIXELS = 1 << 20
+
+
+def _flatten(raw: npt.NDArray[Any]) -> Gray:
+    """`_flatten_alpha`, a strip of rows at a time, so the temporaries stay small."""
+    if raw.dtype == np.uint8 and raw.ndim == 2:
+        return raw
+    height, width = raw.shape[:2]
+    rows = max(1, _STRIP_PIXELS // max(1, width))
+    out = np.empty((height, width), np.uint8)
+    for top in range(0, height, rows):
+        out[top : top + rows] = _flatten_alpha(raw[top : top + rows])
+    return out
+
+
 def _flatten_alpha(raw: npt.NDArray[Any]) -> Gray:
     """Any channel count and depth to 8-bit gray, with transparency composited onto white."""
     img = _to_8bit(raw)
@@ -234,7 +270,29 @@ def decode(data: bytes, limits: Limits) -> Gray:
     return decode_with_header(data, limits)[0]
 
 
-def decode_with_header(data: bytes, limits: Limits) -> tuple[Gray, Header]:
+def decode_cost(head: Header, flag: int) -> int:
+    """Bytes of memory decoding `head` with `flag` takes at its peak, an upper estimate.
+
+    OpenCV's decoders hold a second copy of the pixels while decoding (a 36 MP 16-bit
+    RGBA PNG, 288 MB of pixels, raised peak RSS by 556 MB; as 8-bit gray, 36 MB of
+    pixels, by 74 MB), and an image with more than one byte per pixel is then made
+    8-bit gray beside it (`_flatten`, a strip at a time). Formats other than PNG and
+    JPEG are decoded in color before OpenCV makes them gray.
+    """
+    width, height, per_pixel = head.width, head.height, 1
+    if flag == cv2.IMREAD_UNCHANGED:
+        per_pixel = head.pixel_bytes
+    else:
+        for factor, reduced in _REDUCED_FLAGS:
+            if flag == reduced:
+                width, height = -(-width // factor), -(-height // factor)
+    if head.format not in ("PNG", "JPEG"):
+        per_pixel = max(per_pixel, head.pixel_bytes)
+    pixels = width * height
+    return 2 * pixels * per_pixel + (pixels if per_pixel > 1 else 0)
+
+
+def decode_with_header(data: bytes, limits: Limits, hold: Hold = _no_hold) -> tuple[Gray, Header]:
     """Decode as `decode` does, and also return the header: the file's own size.
 
     A large JPEG is decoded reduced, so the array's shape is not the file's size; a
@@ -262,15 +320,23 @@ def decode_with_header(data: bytes, limits: Limits) -> tuple[Gray, Header]:
             if min(head.width, head.height) // factor >= REDUCED_MIN_SIDE:
                 flag = reduced
                 break
-    try:
-        img = cv2.imdecode(buf, flag)
-    except cv2.error as e:
+    cost = decode_cost(head, flag)
+    if cost > limits.max_decode_bytes:
         raise InputError(
-            f"cannot decode {head.format}: {str(e).strip().splitlines()[-1]}"
-        ) from None
-    if img is None or img.size == 0:
-        raise InputError(f"cannot decode {head.format} (corrupt or truncated)")
-    return _flatten_alpha(img), head
+            f"{head.format} is {head.width}x{head.height} pixels: decoding would take "
+            f"~{-(-cost >> 20)} MB, over the {limits.max_decode_bytes >> 20} MB "
+            "decode budget (--max-decode-mb)"
+        )
+    with hold(cost):
+        try:
+            img = cv2.imdecode(buf, flag)
+        except cv2.error as e:
+            raise InputError(
+                f"cannot decode {head.format}: {str(e).strip().splitlines()[-1]}"
+            ) from None
+        if img is None or img.size == 0:
+            raise InputError(f"cannot decode {head.format} (corrupt or truncated)")
+        return _flatten(img), head
 
 
 def encode_png(image: Gray) -> bytes:

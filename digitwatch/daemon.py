@@ -72,8 +72,15 @@ from digitwatch.watcher import (
 log = structlog.get_logger()
 
 _STOP = ("", "stop")
+_LOG_STATUS = ("", "log-status")  # SIGUSR1: the loop logs its state (not in the handler)
 _BATCH_DONE = ("", "batch-done")  # wakes the main loop: a batch's workers are through
 _STATUS_EVERY = 1.0
+# Signals that stop the service as SIGTERM does (README: Signals). SIGHUP has nothing to
+# reload (logs go to stdout, settings are read once) and means a closed terminal or a
+# `kill -HUP`; SIGQUIT is a terminal's Ctrl-\. SIGUSR1 logs the state; SIGUSR2 is ignored.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+# How often a wait for the workers wakes to ping the watchdog and check the stop bound.
+_WAIT_TICK = 0.2
 # Batches left in the workers while the main thread collects an older one.
 _DEPTH = 2
 # Batches whose CSV rows are written, waiting for their sync and archive: when the
@@ -124,7 +131,7 @@ def serve(settings: Settings, *, check_only: bool = False) -> int:
     gc.freeze()
     pipeline = Pipeline(
         weights,
-        limits=Limits(settings.max_pixels, settings.max_file_bytes),
+        limits=Limits(settings.max_pixels, settings.max_file_bytes, settings.max_decode_bytes),
         uncertain_below=settings.uncertain_below,
         workers=settings.workers,
     )
@@ -173,6 +180,7 @@ class _Batch:
     results: Callable[[], list[Result]]  # waits for the pipeline
     started: float  # perf_counter
     done: threading.Event  # set when results() no longer waits
+    submitted: float  # time.monotonic(), for the watchdog's progress check
 
 
 @dataclass
@@ -467,6 +475,9 @@ class Daemon:
         self.reserved_seen: set[str] = set()  # reserved subfolder names already logged
         self.counts = {"ok": 0, "no_digit": 0, "error": 0}
         self.stopping = False
+        self.stop_by = float("inf")  # monotonic: stop waiting for the workers after this
+        self.stopping_sent = False
+        self.next_ping = 0.0
         self.held_since: float | None = None  # when writing results first failed
         self.retry_at = 0.0
         self.backoff = 0.0
@@ -482,6 +493,9 @@ class Daemon:
             sink=self.queue.put,
             ignore=self.ignore,
         )
+        if pipeline.inline:
+            # The batch runs in this thread: each finished step is the loop's chance to ping.
+            pipeline.on_progress = self._ping
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -494,10 +508,11 @@ class Daemon:
         kill instead of exit 0.
         """
         t0 = time.monotonic()
-        previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        # A lease break would deliver SIGIO, whose default action kills the process.
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_status_signal)
+        # Default actions kill the process: SIGUSR2 has no meaning here, and a lease
+        # break would deliver SIGIO.
+        previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         previous[signal.SIGIO] = signal.signal(signal.SIGIO, signal.SIG_IGN)
         try:
             self.inbox_ino = self.inbox.stat().st_ino
@@ -523,9 +538,9 @@ class Daemon:
             self._loop()
         finally:
             if not restore_signals:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-            self.notifier.stopping(self._status())
+                for sig in _STOP_SIGNALS:
+                    signal.signal(sig, signal.SIG_IGN)
+            self._send_stopping()
             self.watcher.stop()
             self._stop_settler()
             self._release_folders()
@@ -537,8 +552,19 @@ class Daemon:
         return 0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            self.stop_by = time.monotonic() + self.s.stop_timeout
         self.stopping = True
         self.queue.put(_STOP)  # SimpleQueue.put is reentrant: safe in a signal handler
+
+    def _on_status_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.queue.put(_LOG_STATUS)
+
+    def _send_stopping(self) -> None:
+        """STOPPING=1 once, as soon as the stop begins (before the batches in hand end)."""
+        if not self.stopping_sent:
+            self.stopping_sent = True
+            self.notifier.stopping(self._status())
 
     def _make_folders(self) -> None:
         try:
@@ -655,17 +681,11 @@ class Daemon:
 
     def _loop(self) -> None:
         ping_every = self.notifier.watchdog_every
-        next_ping = time.monotonic()
         next_status = 0.0
         q = self.queue
         while not self.stopping:
             now = time.monotonic()
-            if ping_every is not None and now >= next_ping:
-                # From this loop only, and not while the oldest batch is overdue: a stuck
-                # batch stops the pings and systemd restarts us.
-                if not self._overdue(ping_every):
-                    self.notifier.watchdog()
-                next_ping = now + ping_every
+            self._ping()
             if now >= next_status:
                 self.notifier.status(self._status())
                 next_status = now + _STATUS_EVERY
@@ -709,7 +729,7 @@ class Daemon:
                 continue
             wake = min(now + 1.0, self.next_rescan, self.gate.next_check(), next_status)
             if ping_every is not None:
-                wake = min(wake, next_ping)
+                wake = min(wake, self.next_ping)
             if held:
                 wake = min(wake, self.retry_at)
             elif self.ready:
@@ -720,7 +740,52 @@ class Daemon:
                 continue
             self._take(item)
             self._drain()
-        self._flush()  # the batches in hand are answered before we stop
+        self._stop()
+
+    def _stop(self) -> None:
+        """Commit the batches in hand that finish within --stop-timeout; leave the rest.
+
+        A batch left behind stays claimed in our work folder, and the next start answers
+        it as it does after a crash: a file with a JSON gets its CSV row, one without is
+        answered again. The workers are killed, so none writes a JSON after we exit.
+        """
+        self._send_stopping()
+        self._flush()
+        if self.inflight or self.backlog:
+            files = sum(len(b.claims) for b in self.inflight) + len(self.backlog)
+            if self.inflight:
+                self.inflight.clear()
+                self.pipeline.abandon()
+            log.warning("stop_left_claimed", files=files, stop_timeout_s=self.s.stop_timeout)
+
+    def _ping(self) -> None:
+        """WATCHDOG=1 every half period, unless the workers are stuck.
+
+        From the main loop and its waits only. Stuck means batches in the workers and no
+        file through any step (read, decode, preprocess) for a whole watchdog period: a
+        slow batch of large images keeps the pings going, a hung worker stops them and
+        systemd restarts the service.
+        """
+        every = self.notifier.watchdog_every
+        now = time.monotonic()
+        if every is None or now < self.next_ping:
+            return
+        self.next_ping = now + every
+        if self.inflight:
+            last = max(self.pipeline.last_progress(), self.inflight[0].submitted)
+            if now - last > 2 * every:
+                return
+        self.notifier.watchdog()
+
+    def _wait(self, batch: _Batch) -> bool:
+        """Wait for a batch's workers, pinging meanwhile; False once a stop is out of time."""
+        while not batch.done.wait(_WAIT_TICK):
+            self._ping()
+            if self.stopping:
+                self._send_stopping()  # at once, not when this wait ends
+                if time.monotonic() >= self.stop_by:
+                    return False
+        return True
 
     def _drain(self) -> None:
         """Take what is already queued without blocking: a burst fills whole batches."""
@@ -762,6 +827,14 @@ class Daemon:
         path, hint = item
         if item is _STOP:
             self.stopping = True
+        elif item is _LOG_STATUS:
+            log.info(
+                "status",
+                status=self._status(),
+                in_flight=sum(len(b.claims) for b in self.inflight),
+                held=self.held_since is not None,
+                **self.counts,
+            )
         elif item is _BATCH_DONE:
             pass  # it only woke the loop
         elif hint == DIRECTORY:
@@ -790,6 +863,8 @@ class Daemon:
         # in flight must be committed and archived first, or they would be answered twice.
         self._check_state()
         self._flush()
+        if self.inflight:
+            return  # a stop ran out of time in the flush: those claims are left for later
         self._adopt_dead_peers()
         for path in scan(self.inbox, recursive=self.s.recursive, ignore=self.ignore):
             self._offer(path, SCAN)
@@ -856,12 +931,13 @@ class Daemon:
             self.backlog[:0] = later  # claimed already: answered by the next batches
         if now:
             self.inflight.append(self._start(now))
-        if self.inflight and (len(self.inflight) > _DEPTH or not now):
+        oldest = self.inflight[0] if self.inflight else None
+        if oldest is not None and (len(self.inflight) > _DEPTH or not now) and self._wait(oldest):
             self._answer(self.inflight.popleft())
 
     def _flush(self) -> None:
-        """Commit every batch in hand, through its archive."""
-        while self.inflight:
+        """Commit every batch in hand, through its archive (a stop out of time: some)."""
+        while self.inflight and self._wait(self.inflight[0]):
             self._answer(self.inflight.popleft())
         if self.settler.is_alive():
             self.settling.join()
@@ -938,11 +1014,7 @@ class Daemon:
             self.queue.put(_BATCH_DONE)
 
         results = self.pipeline.submit(inputs, finish=self.write_json, on_done=on_done)
-        return _Batch(claims, results, t0, done)
-
-    def _overdue(self, limit: float) -> bool:
-        """True when the oldest batch in the workers has been there over `limit` seconds."""
-        return bool(self.inflight) and time.perf_counter() - self.inflight[0].started > limit
+        return _Batch(claims, results, t0, done, time.monotonic())
 
     def _answer(self, batch: _Batch) -> None:
         """Collect a batch's records (each JSON is written) and append its CSV rows."""

@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     INPUT_FAILED = 7  # predict: at least one input got an error record
     WATCHER_DIED = 8  # run: the filesystem observer stopped; systemd should restart us
     WATCH_LIMIT = 9  # run: the inbox cannot be watched (inotify limits); raise them or --poll
+    OUTPUT = 10  # predict: the results could not be written (closed stdout, full disk)
     MISSING_EXTRA = 11  # train/evaluate without the `train` extra (torch, torchvision)
     REVIEW = 12  # review: no such item in the queue, or decided already
 
@@ -54,6 +55,10 @@ class WatcherDied(DigitwatchError):
 
 class WatchLimit(DigitwatchError):
     exit_code = ExitCode.WATCH_LIMIT
+
+
+class OutputError(DigitwatchError):
+    exit_code = ExitCode.OUTPUT
 
 
 class InputError(DigitwatchError):

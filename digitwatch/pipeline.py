@@ -13,8 +13,8 @@ With `workers` > 1, decode + preprocess run in that many worker processes, not t
 preprocessing a small image is mostly numpy calls on tiny arrays, which hold the GIL, and
 two threads ran slower than one (28x28 PNG: 936 us serial, 1,228 us per image with two
 threads, 741 us with two processes on a loaded 2-core box). The workers are forked when
-the Pipeline is made, before the caller starts any thread, ignore SIGINT/SIGTERM (the
-daemon finishes its batch on those) and die with their parent. A worker that dies (a
+the Pipeline is made, before the caller starts any thread, ignore the signals the daemon
+handles (`WORKER_IGNORES`) and die with their parent. A worker that dies (a
 decoder crash) costs only the file that killed it an error record.
 """
 
@@ -29,7 +29,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from digitwatch.classify import Classifier, Weights
-from digitwatch.codec import Gray, Header, Limits, decode_with_header, encode_png
+from digitwatch.codec import Gray, Header, Hold, Limits, decode_with_header, encode_png
 from digitwatch.errors import InputError
 from digitwatch.preprocess import to_mnist
 from digitwatch.results import Record, Status, input_text
@@ -122,6 +122,17 @@ _KEEP_FREED = 16 << 20
 _CHUNK_BYTES = 4 << 20  # most input bytes sent to a worker in one task
 
 
+# Signals a worker ignores: the ones the daemon handles (a Ctrl-C, Ctrl-\ or kill -HUP to
+# the whole group must not kill a worker by its default action).
+WORKER_IGNORES = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
 _WORKER: Pipeline | None = None  # in a worker process: the (forked) pipeline it serves
 
 
@@ -134,9 +145,10 @@ def _worker_init(pipeline: Pipeline) -> None:
     import cv2  # noqa: TID251
 
     cv2.setNumThreads(1)
-    # systemd and a terminal signal the whole group; the daemon answers its batch first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # systemd and a terminal signal the whole group; the daemon decides what each means
+    # (README: Signals) and stops its workers itself.
+    for sig in WORKER_IGNORES:
+        signal.signal(sig, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None)
         # Exit with the parent even when it is SIGKILLed: no orphans holding memory.
@@ -182,7 +194,10 @@ class _Work:
     seconds: float = 0.0
 
 
-def _prepare_all(items: Sequence[Input], limits: Limits) -> list[_Prepared]:
+def _prepare_all(
+    items: Sequence[Input], limits: Limits, hold: Hold, beat: Callable[[], None]
+) -> list[_Prepared]:
+    """Read, decode and preprocess `items`, calling `beat` after each step of each file."""
     out: list[_Prepared] = []
     i = 0
     while i < len(items):
@@ -190,15 +205,19 @@ def _prepare_all(items: Sequence[Input], limits: Limits) -> list[_Prepared]:
         held = 0
         while i < len(items) and held < _RUN_BYTES:
             run.append(_read(items[i], limits))
+            beat()
             held += len(run[-1].data or b"")
             i += 1
         j = 0
         while j < len(run):
             k, pixels = j, 0
             while k < len(run) and pixels < _RUN_PIXELS:
-                pixels += _decode(run[k], limits)
+                pixels += _decode(run[k], limits, hold)
+                beat()
                 k += 1
-            out += [_preprocess(w) for w in run[j:k]]
+            for w in run[j:k]:
+                out.append(_preprocess(w))
+                beat()
             j = k
     return out
 
@@ -214,14 +233,14 @@ def _read(item: Input, limits: Limits) -> _Work:
     return w
 
 
-def _decode(w: _Work, limits: Limits) -> int:
+def _decode(w: _Work, limits: Limits, hold: Hold) -> int:
     """Decode `w` in place; return the pixels it now holds."""
     if w.data is None:
         return 0
     t0 = time.perf_counter()
     try:
         # The header's size, not the array's: large JPEGs are decoded reduced.
-        w.gray, w.head = decode_with_header(w.data, limits)
+        w.gray, w.head = decode_with_header(w.data, limits, hold)
     except Exception as e:  # one bad file must never stop a batch
         w.error = _reason(e)
     w.data = None
@@ -270,6 +289,43 @@ def _when_all_done(futures: list[Future[list[Record]]], call: Callable[[], objec
         future.add_done_callback(one_done)
 
 
+# Decodes estimated below this many bytes (`codec.decode_cost`) skip the shared budget:
+# the lock would cost small files more than the decode, and two workers' worth of them
+# fit in the margin that settings.py leaves beside --max-decode-mb.
+_HOLD_FROM = 16 << 20
+
+
+class _DecodeBudget:
+    """The bytes of decoding all workers may hold at once (`Limits.max_decode_bytes`).
+
+    Shared through fork: a counter in shared memory under a process-shared condition.
+    A file's own cost never exceeds the total (codec refuses it first), so a waiter
+    runs as soon as the decodes ahead of it are through. Made anew with every pool, so
+    a worker killed while holding it cannot leave its share taken.
+    """
+
+    def __init__(self, total: int) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.total = total
+        self._used = ctx.RawValue(ctypes.c_int64, 0)
+        self._cond = ctx.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        if nbytes < _HOLD_FROM:
+            yield
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: self._used.value + nbytes <= self.total)
+            self._used.value += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used.value -= nbytes
+                self._cond.notify_all()
+
+
 def _crashed(item: Input, limits: Limits) -> _Prepared:
     w = _read(item, limits)  # the record still carries its sha256
     return _Prepared(w.name, w.sha256, None, None, None, "the decoder crashed on this file", 0.0)
@@ -289,11 +345,42 @@ class Pipeline:
         self.limits = limits
         self.uncertain_below = uncertain_below
         self._workers = workers
+        # When a worker last finished a step (read, decode, preprocess) of a file, on
+        # the monotonic clock all processes share: the daemon's watchdog tells a slow
+        # batch (steps still finishing) from a stuck one by it. In shared memory, made
+        # before the first fork; one aligned double, written whole.
+        self._progress = multiprocessing.get_context("fork").RawValue(
+            ctypes.c_double, time.monotonic()
+        )
+        self._budget: _DecodeBudget | None = None
+        # Inline only (set it after the workers are forked, never for them): called after
+        # each step, in the caller's thread, so a long inline batch can keep a watchdog fed.
+        self.on_progress: Callable[[], object] | None = None
         self._pool: ProcessPoolExecutor | None = None
         if workers > 1:
             self._pool = self._new_pool()
 
+    def last_progress(self) -> float:
+        """time.monotonic() when any file last finished a step, in any process."""
+        return float(self._progress.value)
+
+    def _beat(self) -> None:
+        self._progress.value = time.monotonic()
+        if self.on_progress is not None:
+            self.on_progress()
+
+    @property
+    def inline(self) -> bool:
+        """True when files are answered in the caller's process (workers=1)."""
+        return self._workers <= 1
+
+    def _hold(self, nbytes: int) -> contextlib.AbstractContextManager[None]:
+        if self._budget is None:  # inline: one decode at a time anyway
+            return contextlib.nullcontext()
+        return self._budget.hold(nbytes)
+
     def _new_pool(self) -> ProcessPoolExecutor:
+        self._budget = _DecodeBudget(self.limits.max_decode_bytes)
         pool = ProcessPoolExecutor(
             self._workers,
             mp_context=multiprocessing.get_context("fork"),
@@ -322,7 +409,7 @@ class Pipeline:
         self, items: Sequence[Input], finish: Finisher | None = None, *, keep_images: bool = True
     ) -> list[Result]:
         """Every stage for `items`, here: errors become records, never exceptions."""
-        results = self.classify(_prepare_all(items, self.limits))
+        results = self.classify(_prepare_all(items, self.limits, self._hold, self._beat))
         return self._finish(items, results, finish, keep_images)
 
     def _finish(
@@ -355,20 +442,25 @@ class Pipeline:
         return out
 
     def _renew_pool(self) -> ProcessPoolExecutor:
-        if self._pool is not None:
-            # A broken pool does not stop its surviving workers: one still busy with an
-            # older chunk would write that chunk's JSON files again after they had been
-            # answered anew (found by the killed-worker test). Kill them all first.
-            old = self._pool
-            procs = list((getattr(old, "_processes", None) or {}).values())
-            for proc in procs:
-                with contextlib.suppress(OSError):
-                    proc.kill()
-            old.shutdown(wait=True, cancel_futures=True)
-            for proc in procs:
-                proc.join()
+        # A broken pool does not stop its surviving workers: one still busy with an
+        # older chunk would write that chunk's JSON files again after they had been
+        # answered anew (found by the killed-worker test). Kill them all first.
+        self.abandon()
         self._pool = self._new_pool()
         return self._pool
+
+    def abandon(self) -> None:
+        """Kill the workers mid-task (a bounded stop): what they held is answered anew later."""
+        if self._pool is None:
+            return
+        old, self._pool = self._pool, None
+        procs = list((getattr(old, "_processes", None) or {}).values())
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                proc.kill()
+        old.shutdown(wait=True, cancel_futures=True)
+        for proc in procs:
+            proc.join()
 
     def submit(
         self,

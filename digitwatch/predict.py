@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,22 +19,62 @@ from digitwatch.settings import Settings
 CHUNK = 64
 
 
-def _files(paths: list[Path], recursive: bool) -> Iterator[Path]:
+def _kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _folder(folder: str, recursive: bool) -> Iterator[Input]:
+    """The files of a folder as the daemon sees an inbox: regular files are read; a
+    symbolic link (a loop, or a link to /etc/shadow) is never followed and a FIFO, socket
+    or device never opened, each an error record; hidden names are left out."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        yield Input(Path(folder).name, error=f"cannot list folder: {e.strerror or e}")
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            mode = entry.stat(follow_symlinks=False).st_mode
+        except OSError as e:
+            yield Input(entry.name, error=f"cannot stat file: {e.strerror or e}")
+            continue
+        if stat.S_ISLNK(mode):
+            yield Input(entry.name, error="a symbolic link inside a folder: not followed")
+        elif stat.S_ISDIR(mode):
+            if recursive:
+                yield from _folder(entry.path, recursive)
+        elif stat.S_ISREG(mode):
+            # Opened with O_NOFOLLOW (`read_file`): a link swapped in meanwhile is refused.
+            yield Input(entry.name, path=entry.path)
+        else:
+            yield Input(entry.name, error=f"{_kind(mode)}: not read")
+
+
+def _inputs(paths: list[Path], recursive: bool) -> Iterator[Input]:
     for path in paths:
         if path.is_dir():
-            found = path.rglob("*") if recursive else path.iterdir()
-            for p in sorted(found):
-                if p.is_file() and not any(part.startswith(".") for part in p.parts[-1:]):
-                    yield p
+            yield from _folder(str(path), recursive)
         else:
-            yield path  # a missing file becomes an error record
+            # Named on the command line, so a symlink is followed: the user chose it. A
+            # missing file becomes an error record.
+            yield Input(path.name, path=str(path.resolve()))
 
 
 def predict_paths(
     paths: list[Path], settings: Settings, *, debug_dir: Path | None = None
 ) -> list[Result]:
-    limits = Limits(settings.max_pixels, settings.max_file_bytes)
-    files = list(_files(paths, settings.recursive))
+    limits = Limits(settings.max_pixels, settings.max_file_bytes, settings.max_decode_bytes)
+    inputs = list(_inputs(paths, settings.recursive))
     results: list[Result] = []
     with Pipeline(
         load_weights(settings.weights),
@@ -40,17 +82,14 @@ def predict_paths(
         uncertain_below=settings.uncertain_below,
         workers=1,  # inline: forking worker processes pays off only for a long-running service
     ) as pipe:
-        for i in range(0, len(files), CHUNK):
-            chunk = files[i : i + CHUNK]
-            # Read by the pipeline (`read_file`: size limit, regular files only); resolved
-            # first, so a symlink named on the command line is followed.
-            inputs = [Input(p.name, path=str(p.resolve())) for p in chunk]
-            out = pipe.run(inputs)
+        for i in range(0, len(inputs), CHUNK):
+            chunk = inputs[i : i + CHUNK]
+            out = pipe.run(chunk)  # read by the pipeline: size limit, regular files only
             if debug_dir is not None:
                 debug_dir.mkdir(parents=True, exist_ok=True)
-                for p, r in zip(chunk, out, strict=False):
+                for item, r in zip(chunk, out, strict=False):
                     if r.image is not None:
-                        write_png(debug_dir / f"{p.name}.28x28.png", r.image)
+                        write_png(debug_dir / f"{item.name}.28x28.png", r.image)
             results.extend(out)
     return results
 

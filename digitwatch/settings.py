@@ -51,6 +51,16 @@ class Settings:
     on_success: OnSuccess = "keep"
     max_pixels: int = 40_000_000
     max_file_mb: float = 50.0
+    # Memory all decodes in flight may take at once, estimated from each header
+    # (codec.decode_cost). The unit's MemoryMax=1G holds the main process (~75 MB), two
+    # workers before decoding (~65 MB each) and this; the ~280 MB left covers files under
+    # the shared budget's threshold, file bytes in flight and the page cache
+    # (tests/test_systemd_unit.py checks the sum).
+    max_decode_mb: float = 600.0
+    # SIGTERM: seconds to wait for the batches in the workers before leaving them claimed
+    # for the next start; the whole stop then takes well under the README's 10 s and the
+    # unit's TimeoutStopSec=15.
+    stop_timeout: float = 5.0
     uncertain_below: float = 0.8
     review: bool = True  # doubtful answers (uncertain, no_digit) also go to the review queue
     review_dir: str = ""  # "" = <outbox>/review
@@ -66,6 +76,10 @@ class Settings:
     @property
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * 1024 * 1024)
+
+    @property
+    def max_decode_bytes(self) -> int:
+        return int(self.max_decode_mb * 1024 * 1024)
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}

@@ -44,6 +44,22 @@ def digit_png(seed: int = 0, *, blank: bool = False, size: int = 28) -> bytes:
     return encode_png(img)
 
 
+def rgba16_png(width: int, height: int) -> bytes:
+    """A 16-bit RGBA PNG: a '7' drawn only in the alpha channel over a color gradient."""
+    img = np.zeros((height, width, 4), np.uint16)
+    img[:, :, 0] = (np.arange(width, dtype=np.uint32) * 65535 // width).astype(np.uint16)
+    img[:, :, 1:3] = 20000
+    alpha = np.zeros((height, width), np.uint8)
+    s = min(width, height) / 28
+    pen = int(2 * s) + 1
+    cv2.line(alpha, (int(8 * s), int(6 * s)), (int(20 * s), int(6 * s)), 255, pen)
+    cv2.line(alpha, (int(20 * s), int(6 * s)), (int(12 * s), int(23 * s)), 255, pen)
+    img[:, :, 3] = alpha.astype(np.uint16) * 257
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    assert ok
+    return bytes(buf.tobytes())
+
+
 def drop(inbox: Path, name: str, data: bytes, *, staging: Path | None = None) -> Path:
     """Write the file outside the inbox, then rename it in (how careful producers deliver)."""
     staging = staging or inbox.parent / "staging"

@@ -13,6 +13,7 @@ import corpus
 import cv2
 import numpy as np
 import pytest
+from daemon_helpers import rgba16_png
 
 from digitwatch.codec import Limits, decode, decode_with_header, read_header
 from digitwatch.errors import InputError
@@ -187,3 +188,42 @@ print(json.dumps({"n": len(files), "errors": errors, "before": before, "after": 
     r = json.loads(out.stdout)
     assert r["errors"] == r["n"]
     assert r["after"] < 300 * 1024, r  # KiB: a few hundred MB at most, in fact ~70 MB
+
+
+def test_decode_cost_bounds_the_peak_memory_of_a_large_alpha_png(tmp_path: Path) -> None:
+    """The estimate from the header is at or above what decoding a 36 MP 16-bit RGBA PNG
+    really takes (peak RSS above the process's baseline), and not far above."""
+    path = tmp_path / "big.png"
+    path.write_bytes(rgba16_png(6000, 6000))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent.
+    script = """
+import sys, cv2
+from pathlib import Path
+from digitwatch.codec import Limits, decode_cost, decode_with_header
+def hwm():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+data = Path(sys.argv[1]).read_bytes()
+base = hwm()
+gray, head = decode_with_header(data, Limits())
+print(hwm() - base, decode_cost(head, cv2.IMREAD_UNCHANGED), gray.shape)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split(maxsplit=2)
+    used, cost = int(out[0]), int(out[1])
+    assert out[2].strip() == "(6000, 6000)"
+    assert used <= cost <= 1.3 * used, (used, cost)
+
+
+def test_decode_budget_refuses_before_decoding() -> None:
+    img = np.zeros((1000, 1000, 4), np.uint16)
+    data = _encode(".png", img)
+    # 2 copies of 8 bytes per pixel, plus the gray result: 17 MB
+    with pytest.raises(InputError, match=r"~17 MB, over the 15 MB decode budget"):
+        decode(data, Limits(max_decode_bytes=15 << 20))
+    assert decode(data, Limits(max_decode_bytes=17 << 20)).shape == (1000, 1000)

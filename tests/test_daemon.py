@@ -500,6 +500,7 @@ def test_a_vanished_inbox_exits_non_zero_for_a_restart(folders: tuple[Path, Path
 
 class _StubPipeline:
     model_id = "stub"
+    inline = False
 
     def run(self, items: list[object]) -> list[object]:
         raise AssertionError("no input expected")

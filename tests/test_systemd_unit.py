@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from daemon_helpers import csv_rows, digit_png, wait_for
 
-from digitwatch.settings import DEFAULT_WEIGHTS
+from digitwatch.settings import DEFAULT_WEIGHTS, Settings
 
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "digitwatch.service"
 ANALYZE = shutil.which("systemd-analyze")
@@ -128,3 +128,22 @@ def test_daemon_runs_with_memory_deny_write_execute(folders: tuple[Path, Path]) 
         proc.terminate()
         _, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
+
+
+def _size_mb(text: str) -> float:
+    units = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}
+    return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text) / 2**20
+
+
+def test_unit_limits_and_the_defaults_agree() -> None:
+    """The memory budget fits MemoryMax beside the processes, and the stop bound fits
+    TimeoutStopSec with room for the commit and the exit after it."""
+    d = directives()
+    s = Settings()
+    # Measured (benchmarks/bench_large.py, PSS): the daemon ~75 MB, a worker ~65 MB
+    # before decoding, the files under the shared budget's 16 MB threshold per worker.
+    main_mb, worker_mb, small_mb = 75, 65, 16
+    needed = main_mb + s.workers * (worker_mb + small_mb) + s.max_decode_mb
+    assert needed <= 0.9 * _size_mb(d["MemoryMax"][0]), needed
+    assert s.stop_timeout + 5 <= 10 < int(d["TimeoutStopSec"][0])
+    assert "--workers" not in d["ExecStart"][0] and "--max-decode-mb" not in d["ExecStart"][0]
