@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -91,9 +91,12 @@ class DaemonProcess:
         *extra: str,
         env: dict[str, str] | None = None,
         log: Path | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
+        """`wrap` goes before the command (strace): `proc` is then the wrapper's process."""
         self.log = log or outbox.parent / f"daemon-{time.monotonic_ns()}.log"
         cmd = [
+            *wrap,
             sys.executable,
             "-m",
             "digitwatch",
