@@ -309,3 +309,51 @@ def test_a_name_in_flight_is_not_read_again_until_its_answer_is_written(
     # Every read of a claimed file refuses symlinks and never blocks on a FIFO.
     for c in opened_b:
         assert "O_NOFOLLOW" in c.args and "O_NONBLOCK" in c.args, c.args
+
+
+# -- the README's table -----------------------------------------------------------------------
+
+
+def _guarantee_rows() -> list[tuple[str, str]]:
+    """(guarantee, tested by) for each row of the README's guarantees table."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("| guarantee | how it is held | tested by |")
+    rows = []
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        rows.append((cells[0], cells[-1]))
+    return rows
+
+
+def test_every_test_the_guarantees_table_names_exists() -> None:
+    """A renamed test must not leave a guarantee pointing at nothing.
+
+    In the "tested by" cell, `file.py` names a test file and the `fragments` after it name
+    tests in that file (… stands for any text); `make x` and `python script` name commands;
+    text in parentheses says what the test does and is not checked.
+    """
+    rows = _guarantee_rows()
+    assert len(rows) >= 10
+    makefile = (REPO / "Makefile").read_text()
+    for guarantee, tested_by in rows:
+        cell = tested_by
+        while (bare := re.sub(r"\([^()]*\)", "", cell)) != cell:
+            cell = bare
+        refs = re.findall(r"`([^`]+)`", cell)
+        assert refs, f"no test named for: {guarantee}"
+        tests: list[str] | None = None
+        for ref in refs:
+            if ref.startswith("make "):
+                assert re.search(rf"^{ref.split()[1]}:", makefile, re.M), ref
+            elif ref.startswith("python "):
+                assert (REPO / ref.split()[1]).is_file(), ref
+            elif ref.endswith(".py"):
+                source = REPO / "tests" / ref
+                assert source.is_file(), f"{ref}: no such test file"
+                tests = re.findall(r"^def (test_\w+)", source.read_text(), re.M)
+            else:
+                assert tests is not None, f"{ref}: name its test file first ({guarantee})"
+                pattern = ".*".join(re.escape(part) for part in ref.split("…"))
+                assert any(re.search(pattern, t) for t in tests), f"{ref}: no such test"
