@@ -203,7 +203,9 @@ def test_an_event_storm_beyond_the_inotify_queue_is_answered_once(
     data = digit_png(3)
     names = [f"s{i:05d}.png" for i in range(n)]
     staging = stage(inbox, dict.fromkeys(names, data))
-    d = DaemonProcess(inbox, outbox)
+    # The periodic rescan an hour away: only the rescan that the overflow triggers can
+    # find the files whose events were dropped.
+    d = DaemonProcess(inbox, outbox, "--rescan-interval", "3600")
     try:
         d.wait_ready()
         # Stopped, the daemon reads no event while they pile up: the queue overflows.
