@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from daemon_helpers import DaemonProcess, children, csv_rows, digit_png, drop, stage, wait_for
 
+from digitwatch.daemon import Results
 from digitwatch.results import Record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -262,6 +264,28 @@ def test_recovery_adds_the_missing_row_from_the_json_then_syncs_then_archives(
     csv_row = csv_row_written(calls, outbox, "had_json.png")
     archive = archived(calls, inbox, stored)
     assert_synced_between(calls, {str(outbox), str(inbox)}, csv_row, archive)
+
+
+def test_a_csv_append_cut_short_by_a_full_disk_leaves_no_partial_row(tmp_path: Path) -> None:
+    """A failed append is cut back: rows left behind would be written again on the retry.
+
+    RLIMIT_FSIZE stands in for a full disk: the first write takes what fits, the next
+    fails (EFBIG), as ENOSPC does when a disk fills mid-write.
+    """
+    results = Results(tmp_path, fsync=False)
+    results.append_csv([_record("first.png")])
+    before = results.csv.read_bytes()
+    rows = [_record(f"r{i:04d}.png") for i in range(200)]  # ~30 KB: part of it fits
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 4096, hard))
+    try:
+        with pytest.raises(OSError):
+            results.append_csv(rows)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert results.csv.read_bytes() == before
 
 
 # -- the same-name rule -----------------------------------------------------------------------
