@@ -7,6 +7,7 @@ the durability promise, and a test of outcomes alone passes when it is broken.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,6 +266,27 @@ def test_recovery_adds_the_missing_row_from_the_json_then_syncs_then_archives(
     csv_row = csv_row_written(calls, outbox, "had_json.png")
     archive = archived(calls, inbox, stored)
     assert_synced_between(calls, {str(outbox), str(inbox)}, csv_row, archive)
+
+
+@pytest.mark.slow
+def test_rows_are_appended_only_under_the_csv_lock(folders: tuple[Path, Path]) -> None:
+    """Several daemons share results.csv: each appends (and repairs a torn tail) holding
+    an exclusive flock, so a reader or a peer holding it sees no row arrive."""
+    inbox, outbox = folders
+    d = DaemonProcess(inbox, outbox)
+    try:
+        d.wait_ready()
+        drop(inbox, "first.png", digit_png(1))
+        wait_for(lambda: len(processed(inbox)) == 1, 10, "the first answer settled")
+        with (outbox / "results.csv").open("rb") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            drop(inbox, "second.png", digit_png(2))
+            wait_for(lambda: bool(list(outbox.glob("second.png.*.json"))), 10, "its JSON")
+            time.sleep(0.5)  # the row would be written within ms of the JSON
+            assert [r["input"] for r in csv_rows(outbox)] == ["first.png"]
+        wait_for(lambda: len(csv_rows(outbox)) == 2, 10, "the row once the lock is free")
+    finally:
+        assert d.stop() == 0, d.log.read_text()
 
 
 def test_a_csv_append_cut_short_by_a_full_disk_leaves_no_partial_row(tmp_path: Path) -> None:
