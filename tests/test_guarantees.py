@@ -170,8 +170,9 @@ def processed(inbox: Path) -> list[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])  # answered in the daemon, or in workers
 def test_a_batch_commits_json_then_csv_row_then_sync_then_archive(
-    folders: tuple[Path, Path], tmp_path: Path, strace: None
+    folders: tuple[Path, Path], tmp_path: Path, strace: None, workers: str
 ) -> None:
     """Archiving an input is the promise that its answer is durable: per file, its JSON is
     renamed into place, then its CSV row is written, then the filesystem is synced, and
@@ -179,7 +180,7 @@ def test_a_batch_commits_json_then_csv_row_then_sync_then_archive(
     inbox, outbox = folders
     trace = tmp_path / "trace.txt"
     data = {f"o{i}.png": digit_png(i, blank=i == 3) for i in range(7)}
-    d = DaemonProcess(inbox, outbox, "--batch-size", "3", wrap=traced(trace))
+    d = DaemonProcess(inbox, outbox, "--batch-size", "3", "--workers", workers, wrap=traced(trace))
     try:
         d.wait_ready(deadline=60)
         drop(inbox, "o0.png", data["o0.png"])  # a lone file, then a burst of two batches
