@@ -34,7 +34,7 @@ _TRACED = "openat,write,rename,renameat,renameat2,syncfs,sync"
 _SYNCS = {"syncfs", "sync"}
 
 
-def _strace_usable() -> str | None:
+def strace_usable() -> str | None:
     """Why strace cannot trace here (not installed, ptrace refused), or None."""
     if shutil.which("strace") is None:
         return "strace is not installed"
@@ -46,7 +46,7 @@ def _strace_usable() -> str | None:
 
 @pytest.fixture(scope="module")
 def strace() -> None:
-    reason = _strace_usable()
+    reason = strace_usable()
     if reason is not None:
         pytest.skip(reason)
 

@@ -26,6 +26,7 @@ from daemon_helpers import (
     wait_for,
 )
 from test_daemon import assert_exactly_once, state
+from test_guarantees import read_trace, stop_traced, strace_usable, traced
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +122,38 @@ def test_nothing_new_is_claimed_while_results_cannot_be_written(
     finally:
         assert d.stop() == 0, d.log.read_text()
     assert_exactly_once(outbox, {"held.png", "late.png"})
+
+
+def test_retries_of_a_held_batch_back_off(tmp_path: Path, small_outbox: Path) -> None:
+    """While the disk is full the held batch is tried again after 0.5 s, then 1, 2, 4 s:
+    each try writes the file's JSON, which strace sees as one more open of its temp file."""
+    reason = strace_usable()
+    if reason is not None:
+        pytest.skip(reason)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outbox = small_outbox
+    trace = tmp_path / "trace.txt"
+    d = DaemonProcess(inbox, outbox, log=tmp_path / "daemon.log", wrap=traced(trace))
+    try:
+        d.wait_ready(deadline=60)
+        filler = _fill(outbox)
+        drop(inbox, "held.png", digit_png(1))
+        wait_for(lambda: d.has_event("outbox_unwritable"), 20, "the failure logged")
+        t0 = time.monotonic()
+        # Tries at 0, 0.5, 1.5 and 3.5 s; the next would be at 7.5 s.
+        wait_for(lambda: time.monotonic() - t0 > 5.5, 10, "5.5 s of a full disk")
+        tries = [
+            c
+            for c in read_trace(trace)
+            if c.name == "openat" and any("/.tmp-held.png." in p for p in c.paths)
+        ]
+        filler.unlink()
+        wait_for(lambda: len(csv_rows(outbox)) == 1, 20, "caught up")
+    finally:
+        code = stop_traced(d)
+    assert code == 0, d.log.read_text()
+    assert 3 <= len(tries) <= 5, f"{len(tries)} tries in 5.5 s"
 
 
 def _retried(d: DaemonProcess) -> bool:
