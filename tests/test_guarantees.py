@@ -98,14 +98,10 @@ def read_trace(path: Path) -> list[Call]:
 
 
 def traced(trace: Path) -> list[str]:
-    return ["strace", "-f", "-qq", "--seccomp-bpf", "-y", "-s", "8192"] + [
-        "-e",
-        f"trace={_TRACED}",
-        "-e",
-        "signal=none",
-        "-o",
-        str(trace),
-    ]
+    """The strace command to put before the daemon's: every process and thread, each
+    descriptor shown with its path (-y), whole CSV writes (-s), no signal lines."""
+    quiet = ["-qq", "-e", "signal=none", "--seccomp-bpf"]
+    return ["strace", "-f", "-y", "-s", "8192", *quiet, "-e", f"trace={_TRACED}", "-o", str(trace)]
 
 
 def stop_traced(d: DaemonProcess) -> int:
@@ -177,7 +173,7 @@ def test_a_batch_commits_json_then_csv_row_then_sync_then_archive(
     """Archiving an input is the promise that its answer is durable: per file, its JSON is
     renamed into place, then its CSV row is written, then the filesystem is synced, and
     only then is the input moved to processed/."""
-    inbox, outbox = folders
+    inbox, outbox = (p.resolve() for p in folders)  # as the daemon and strace name them
     trace = tmp_path / "trace.txt"
     data = {f"o{i}.png": digit_png(i, blank=i == 3) for i in range(7)}
     d = DaemonProcess(inbox, outbox, "--batch-size", "3", "--workers", workers, wrap=traced(trace))
@@ -235,7 +231,7 @@ def test_recovery_adds_the_missing_row_from_the_json_then_syncs_then_archives(
     """A dead daemon's claim whose JSON is written but whose CSV row is not: the row is
     made from that JSON (its original processed_at), the JSON itself is never rewritten,
     and the input is archived only after a sync."""
-    inbox, outbox = folders
+    inbox, outbox = (p.resolve() for p in folders)  # as the daemon and strace name them
     peer = inbox / ".digitwatch" / "work" / "999999-dead00"
     peer.mkdir(parents=True)
     (peer / ".lock").touch()
@@ -273,7 +269,7 @@ def test_recovery_adds_the_missing_row_from_the_json_then_syncs_then_archives(
 def test_rows_are_appended_only_under_the_csv_lock(folders: tuple[Path, Path]) -> None:
     """Several daemons share results.csv: each appends (and repairs a torn tail) holding
     an exclusive flock, so a reader or a peer holding it sees no row arrive."""
-    inbox, outbox = folders
+    inbox, outbox = (p.resolve() for p in folders)  # as the daemon and strace name them
     d = DaemonProcess(inbox, outbox)
     try:
         d.wait_ready()
@@ -322,7 +318,7 @@ def test_a_name_in_flight_is_not_read_again_until_its_answer_is_written(
     """(input, processed_at) names a CSV row on recovery, and two workers can stamp the same
     microsecond: so a second file of a name is claimed while the first is in the workers,
     but no worker opens it before the first one's JSON is written."""
-    inbox, outbox = folders
+    inbox, outbox = (p.resolve() for p in folders)  # as the daemon and strace name them
     trace = tmp_path / "trace.txt"
     # The first is slow to decode (~0.3 s): the second arrives while it is in a worker,
     # and the other worker is idle, so only the rule keeps it from being read at once.
