@@ -111,7 +111,7 @@ class DaemonProcess:
         log: Path | None = None,
         prefix: Sequence[str] = (),
     ) -> None:
-        """`prefix` goes before the command (a wrapper such as `unshare`)."""
+        """`prefix` goes before the command (unshare, strace); `proc` is then its process."""
         self.log = log or outbox.parent / f"daemon-{time.monotonic_ns()}.log"
         cmd = [
             *prefix,

@@ -38,6 +38,51 @@ def test_output_is_28x28_uint8_fitted_in_20_and_centered_by_mass() -> None:
     assert abs(cx - 14) <= 0.75 and abs(cy - 14) <= 0.75
 
 
+def _glyph(name: str, side: int) -> np.ndarray:
+    """Dark strokes on white whose box centre is far from their mass centre (or a slant)."""
+    img = np.full((300, 300), 255, np.uint8)
+    strokes = {
+        "L": [((80, 40), (80, 260)), ((80, 260), (230, 260))],
+        "7": [((60, 50), (240, 50)), ((240, 50), (130, 260))],
+        "slanted_bar": [((110, 40), (190, 260))],
+    }[name]
+    for a, b in strokes:
+        cv2.line(img, a, b, 0, 24)
+    if side != 300:  # a small file: the fast path (step 0) renders it
+        img = cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA)
+    return img
+
+
+@pytest.mark.parametrize("side", [300, 28])
+@pytest.mark.parametrize("name", ["L", "7"])
+def test_lopsided_glyphs_are_centred_by_mass_not_by_box(name: str, side: int) -> None:
+    """MNIST centres the centre of mass, not the box: an L or a 7 shows the difference."""
+    glyph = _glyph(name, side)
+    ink = 255 - glyph
+    ys, xs = np.nonzero(ink > 127)
+    box = ((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2)
+    mass = _mass_center(ink)
+    scale = 20 / (max(np.ptp(xs), np.ptp(ys)) + 1)
+    # Centring the box instead would leave the mass centre over a pixel off (14, 14).
+    assert max(abs(box[0] - mass[0]), abs(box[1] - mass[1])) * scale > 1.5
+    out = to_mnist(glyph)
+    assert out is not None
+    cx, cy = _mass_center(out)
+    assert abs(cx - 14) <= 0.75 and abs(cy - 14) <= 0.75, (cx, cy)
+
+
+@pytest.mark.parametrize("side", [300, 28])
+def test_a_slanted_bar_is_deskewed_upright(side: int) -> None:
+    """The last step shears by mu11 / mu02, so what the model sees has no slant left."""
+    glyph = _glyph("slanted_bar", side)
+    before = cv2.moments(255 - glyph)
+    assert abs(before["mu11"] / before["mu02"]) > 0.3
+    out = to_mnist(glyph)
+    assert out is not None
+    m = cv2.moments(out)
+    assert abs(m["mu11"] / m["mu02"]) < 0.02, m["mu11"] / m["mu02"]
+
+
 def test_polarity_dark_on_light_and_light_on_dark_agree() -> None:
     a = to_mnist(_ring(200, 14))
     b = to_mnist(_ring(200, 14, ink=255, paper=0))
