@@ -717,7 +717,9 @@ class Daemon:
             # for a batch's answers: a file arriving meanwhile is claimed and queued to
             # the workers at once (a 12 MP batch takes ~0.2 s), and the batch's last
             # worker wakes the loop (_BATCH_DONE) to commit it.
-            elif self.ready and (
+            # Nothing new is claimed until a held batch commits (held_since is cleared),
+            # even while its retry is in the workers.
+            elif self.ready and self.held_since is None and (
                 not self.inflight
                 or len(self.ready) >= self.s.batch_size
                 or now >= self.first_ready + self.s.max_delay_ms / 1000
@@ -732,7 +734,7 @@ class Daemon:
                 wake = min(wake, self.next_ping)
             if held:
                 wake = min(wake, self.retry_at)
-            elif self.ready:
+            elif self.ready and self.held_since is None:
                 wake = min(wake, self.first_ready + self.s.max_delay_ms / 1000)
             try:
                 item = q.get(timeout=max(0.0, wake - now))
