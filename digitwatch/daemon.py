@@ -719,10 +719,14 @@ class Daemon:
             # worker wakes the loop (_BATCH_DONE) to commit it.
             # Nothing new is claimed until a held batch commits (held_since is cleared),
             # even while its retry is in the workers.
-            elif self.ready and self.held_since is None and (
-                not self.inflight
-                or len(self.ready) >= self.s.batch_size
-                or now >= self.first_ready + self.s.max_delay_ms / 1000
+            elif (
+                self.ready
+                and self.held_since is None
+                and (
+                    not self.inflight
+                    or len(self.ready) >= self.s.batch_size
+                    or now >= self.first_ready + self.s.max_delay_ms / 1000
+                )
             ):
                 self._advance(self._claim_batch())
                 continue
