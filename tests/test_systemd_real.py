@@ -435,3 +435,29 @@ def test_watchdog_restarts_a_stopped_daemon(container: Container) -> None:
     c.drop({"after.png": digit_png(2)})
     wait_rows(c, 2)
     assert_exactly_once(c.outbox, {"before.png", "after.png"})
+
+
+def test_a_file_still_being_written_waits_for_its_writer(container: Container) -> None:
+    """Read leases work inside the sandbox (seccomp filter, user namespace) for the own account.
+
+    A producer running as the service's user leaves a half-written file in the inbox while
+    the service is down; at start it is found by the scan, not by a close event, so only the
+    lease probe can tell it is still open. Were F_SETLEASE refused, the quiet period (2 s)
+    would hand the half file to the pipeline.
+    """
+    c = container
+    c.start()
+    c.run("systemctl", "stop", "digitwatch")
+    owner = c.inbox.stat().st_uid
+    data = digit_png(5)
+    with (c.inbox / "slow.png").open("wb") as f:
+        os.fchown(f.fileno(), owner, owner)
+        f.write(data[: len(data) // 2])
+        f.flush()
+        c.start()
+        held_until = time.monotonic() + 3 * 2.0  # three quiet periods
+        wait_for(lambda: time.monotonic() > held_until or bool(csv_rows(c.outbox)), 10)
+        assert csv_rows(c.outbox) == [], "the half-written file was read"
+        f.write(data[len(data) // 2 :])
+    wait_rows(c, 1)
+    assert [(r["input"], r["status"]) for r in csv_rows(c.outbox)] == [("slow.png", "ok")]
