@@ -9,6 +9,7 @@ Run: `sudo .venv/bin/python -m pytest tests/test_systemd_real.py -v`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -282,14 +283,14 @@ class Container:
         self.wait_active()
 
     def wait_active(self, restarts: int = 0, deadline: float = 60.0) -> None:
-        def active() -> bool:
+        def settled() -> bool:
             s = self.show("ActiveState", "SubState", "NRestarts")
-            return (s["ActiveState"], s["SubState"]) == ("active", "running") and int(
-                s["NRestarts"]
-            ) >= restarts
+            running = (s["ActiveState"], s["SubState"]) == ("active", "running")
+            return s["ActiveState"] == "failed" or (running and int(s["NRestarts"]) >= restarts)
 
         try:
-            wait_for(active, deadline, f"digitwatch active after {restarts} restart(s)")
+            wait_for(settled, deadline, f"digitwatch active after {restarts} restart(s)")
+            assert self.show("ActiveState")["ActiveState"] == "active", "digitwatch failed"
         except AssertionError as e:
             status = self.run("systemctl", "status", "digitwatch", check=False).stdout
             raise AssertionError(f"{e}\n{status}\n{self.journal()}") from None
@@ -353,6 +354,11 @@ def container(tmp_path: Path) -> Iterator[Container]:
         assert str(c.mnt) not in Path("/proc/self/mountinfo").read_text()
 
 
+def journal_events(journal: str) -> list[dict[str, object]]:
+    """The daemon's JSON log lines among systemd's own."""
+    return [json.loads(line) for line in journal.splitlines() if line.startswith("{")]
+
+
 def wait_rows(c: Container, n: int, deadline: float = 60.0) -> None:
     try:
         wait_for(lambda: len(csv_rows(c.outbox)) >= n, deadline, f"{n} rows in results.csv")
@@ -402,18 +408,28 @@ def test_the_unit_answers_files_and_reports_status(container: Container) -> None
 def test_sigkill_is_followed_by_a_restart_and_no_duplicate(container: Container) -> None:
     c = container
     c.start()
+    c.drop({"first.png": digit_png(0)})
+    wait_rows(c, 1)
+    # Freeze the workers, so the burst is claimed but cannot be answered: the kill then
+    # lands with every file of the burst in flight, whatever the machine's load.
+    main = c.show("MainPID")["MainPID"]
+    workers = c.run("cat", f"/proc/{main}/task/{main}/children").stdout.split()
+    assert workers
+    c.run("kill", "-STOP", *workers)
     files = {f"burst-{i:03d}.png": digit_png(i) for i in range(60)}
     c.drop(files)
-    # Kill in the middle of the burst: some answered, some claimed and in flight.
-    wait_rows(c, 1)
+    wait_for(lambda: not any(p.suffix == ".png" for p in c.inbox.iterdir()), 30, "claims")
     c.run("systemctl", "kill", "--signal=KILL", "digitwatch")
     c.wait_active(restarts=1)
-    wait_rows(c, len(files))
-    assert "status=9/KILL" in c.journal()
-    assert_exactly_once(c.outbox, set(files))
+    wait_rows(c, 1 + len(files))
+    journal = c.journal()
+    assert "status=9/KILL" in journal
+    recovered = [e for e in journal_events(journal) if e.get("event") == "recovered"]
+    assert [e["files"] for e in recovered] == [60], journal
+    assert_exactly_once(c.outbox, {"first.png", *files})
     c.drop({"after.png": digit_png(99)})
-    wait_rows(c, len(files) + 1)
-    assert_exactly_once(c.outbox, {*files, "after.png"})
+    wait_rows(c, 2 + len(files))
+    assert_exactly_once(c.outbox, {"first.png", *files, "after.png"})
 
 
 def test_watchdog_restarts_a_stopped_daemon(container: Container) -> None:
