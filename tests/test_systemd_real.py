@@ -22,9 +22,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import corpus
+import numpy as np
 import pytest
 from daemon_helpers import csv_rows, digit_png, wait_for
 from test_daemon import assert_exactly_once
+from test_hardening import _odd_formats
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "digitwatch.service"
@@ -477,3 +480,33 @@ def test_a_file_still_being_written_waits_for_its_writer(container: Container) -
         f.write(data[len(data) // 2 :])
     wait_rows(c, 1)
     assert [(r["input"], r["status"]) for r in csv_rows(c.outbox)] == [("slow.png", "ok")]
+
+
+def test_the_daemon_makes_no_system_call_the_filter_refuses(container: Container) -> None:
+    """With refused calls made fatal (SIGSYS), a varied workload is answered and stopped cleanly.
+
+    The unit refuses with EPERM, which code may swallow: a worker that calls setrlimit() or
+    nice() under `~@resources` would silently run without its limit. Only mbind() is let
+    through here: numpy's allocator asks for a NUMA policy on large buffers and carries on
+    when refused (found by this test; the unit still refuses it).
+    """
+    c = container
+    dropin = c.root / "etc/systemd/system/digitwatch.service.d"
+    dropin.mkdir(parents=True)
+    (dropin / "test-syscalls.conf").write_text(
+        "[Service]\nSystemCallErrorNumber=kill\nSystemCallFilter=mbind\n"
+    )
+    c.run("systemctl", "daemon-reload")
+    c.start()
+    files = {f"hostile-{name}": data for name, data in corpus.hostile().items()}
+    files.update(_odd_formats())
+    files.update({f"page-{s}.png": digit_png(s, size=s) for s in (28, 300, 1000)})
+    files["blank.png"] = digit_png(blank=True)
+    files["photo.jpg"] = corpus.jpeg(np.full((3000, 4000), 235, np.uint8), 90)
+    c.drop(files)
+    wait_rows(c, len(files), deadline=120)
+    assert_exactly_once(c.outbox, set(files))
+    c.run("systemctl", "stop", "digitwatch")
+    s = c.show("Result", "ExecMainStatus", "NRestarts")
+    assert (s["Result"], s["ExecMainStatus"], s["NRestarts"]) == ("success", "0", "0"), c.journal()
+    assert "status=31/SYS" not in c.journal()
