@@ -487,8 +487,8 @@ def test_the_daemon_makes_no_system_call_the_filter_refuses(container: Container
 
     The unit refuses with EPERM, which code may swallow: a worker that calls setrlimit() or
     nice() under `~@resources` would silently run without its limit. Only mbind() is let
-    through here: numpy's allocator asks for a NUMA policy on large buffers and carries on
-    when refused (found by this test; the unit still refuses it).
+    through here: OpenBLAS (numpy's, in alloc_mmap) asks for a NUMA policy on its 32 MB
+    buffers and carries on when refused (found by this test; the unit still refuses it).
     """
     c = container
     dropin = c.root / "etc/systemd/system/digitwatch.service.d"
