@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from digitwatch.results import CSV_COLUMNS
 from digitwatch.settings import Settings
 
 CHUNK = 64
+_NAME_MAX = 255  # bytes in one file name on Linux filesystems
 
 
 def _files(paths: list[Path], recursive: bool) -> Iterator[Path]:
@@ -26,6 +29,20 @@ def _files(paths: list[Path], recursive: bool) -> Iterator[Path]:
                     yield p
         else:
             yield path  # a missing file becomes an error record
+
+
+_DEBUG_SUFFIX = ".28x28.png"
+
+
+def _debug_name(name: str) -> str:
+    """`<name>.28x28.png`, or, for a name too long to take the suffix (Linux allows 255
+    bytes), its first bytes and a hash of the whole: still told apart, never refused."""
+    raw = os.fsencode(name)
+    if len(raw) + len(_DEBUG_SUFFIX) <= _NAME_MAX:
+        return name + _DEBUG_SUFFIX
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    keep = _NAME_MAX - len(_DEBUG_SUFFIX) - len(digest) - 1
+    return os.fsdecode(raw[:keep]) + f"~{digest}{_DEBUG_SUFFIX}"
 
 
 def predict_paths(
@@ -50,7 +67,7 @@ def predict_paths(
                 debug_dir.mkdir(parents=True, exist_ok=True)
                 for p, r in zip(chunk, out, strict=False):
                     if r.image is not None:
-                        write_png(debug_dir / f"{p.name}.28x28.png", r.image)
+                        write_png(debug_dir / _debug_name(p.name), r.image)
             results.extend(out)
     return results
 

@@ -123,8 +123,10 @@ def test_any_file_name_is_answered_once_or_left_with_a_reason(
             json.loads(line)  # every log line stays valid JSON
 
     # predict, the other way in: every name in a folder it is given (dotfiles aside).
+    debug = inbox.parent / "debug"
     done = subprocess.run(
-        [sys.executable, "-m", "digitwatch", "predict", str(everything), "--format", "jsonl"],
+        [sys.executable, "-m", "digitwatch", "predict", str(everything), "--format", "jsonl"]
+        + ["--debug-dir", str(debug)],
         capture_output=True,
         timeout=120,
         check=False,
@@ -134,6 +136,7 @@ def test_any_file_name_is_answered_once_or_left_with_a_reason(
     expected = {input_text(p.name)[0] for p in everything.iterdir() if not p.name.startswith(".")}
     assert {r["input"] for r in records} == expected
     assert all(r["status"] == "ok" for r in records), [r for r in records if r["status"] != "ok"]
+    assert len(list(debug.iterdir())) == len(expected), "one debug image per input"
 
 
 @pytest.mark.parametrize("step", ["json", "csv", "sync", "archive"])
