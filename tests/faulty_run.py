@@ -2,8 +2,9 @@
 
     python tests/faulty_run.py STEP MARKER -- <python> -m digitwatch run ...
 
-STEP is json (a result file's write), csv (the rows' append, cut half-way), sync or
-archive (an input's move to processed/). "Once" is across the daemon and its forked
+STEP is json (a result file's write), worker (a worker dies right after publishing one
+result), csv (the rows' append, cut half-way), sync or archive (an input's move to
+processed/). "Once" is across the daemon and its forked
 workers: the first to create MARKER fails. Nothing in the package reads a variable or a
 flag for this; the fault is put in from outside, as a broken disk would.
 """
@@ -37,6 +38,16 @@ def _inject(step: str, marker: str) -> None:
             real_json(path, text, **kw)
 
         daemon.write_json_atomic = write_json  # type: ignore[assignment]
+    elif step == "worker":
+        real_json = daemon.write_json_atomic
+        parent = os.getpid()
+
+        def publish_then_die(path: Any, text: str, **kw: Any) -> None:
+            real_json(path, text, **kw)
+            if os.getpid() != parent and _first(marker):
+                os._exit(70)  # a worker killed between two of its batch's JSON writes
+
+        daemon.write_json_atomic = publish_then_die  # type: ignore[assignment]
     elif step == "csv":
         real_write = os.write
 

@@ -139,7 +139,7 @@ def test_any_file_name_is_answered_once_or_left_with_a_reason(
     assert len(list(debug.iterdir())) == len(expected), "one debug image per input"
 
 
-@pytest.mark.parametrize("step", ["json", "csv", "sync", "archive"])
+@pytest.mark.parametrize("step", ["json", "worker", "csv", "sync", "archive"])
 def test_every_commit_step_failing_once_loses_and_repeats_nothing(
     folders: tuple[Path, Path], step: str
 ) -> None:
