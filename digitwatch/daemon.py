@@ -379,7 +379,8 @@ def _whole_rows_end(fd: int, start: int, end: int) -> int:
 
 
 def _csv_keys(fd: int) -> set[tuple[str, str]]:
-    with os.fdopen(os.dup(fd), "r", newline="", encoding="utf-8") as f:
+    # A byte that is not UTF-8 (a row written by another tool) must not stop recovery.
+    with os.fdopen(os.dup(fd), "r", newline="", encoding="utf-8", errors="replace") as f:
         f.seek(0)
         reader = csv.reader(f)
         header = next(reader, None)

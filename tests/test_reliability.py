@@ -415,3 +415,39 @@ def test_no_inotify_watch_left_for_subfolders_warns_and_the_rescan_answers(
     text = d.log.read_text()
     assert text.count("inotify watch limit is reached") == 1, text
     assert_exactly_once(outbox, {f"{s}/f{i}.png" for i, s in enumerate(subs)})
+
+
+def test_recovery_reads_a_csv_with_bytes_that_are_not_utf8(folders: tuple[Path, Path]) -> None:
+    """A row another tool wrote in Latin-1 must not crash every start in recovery."""
+    inbox, outbox = folders
+    d = DaemonProcess(inbox, outbox)
+    try:
+        d.wait_ready()
+        drop(inbox, "first.png", digit_png(0))
+        wait_for(lambda: len(csv_rows(outbox)) == 1, 10, "the first answer")
+        # Held with its JSON published, then a crash: recovery must check the CSV's rows.
+        (outbox / "results.csv").rename(inbox.parent / "results.csv.saved")
+        (outbox / "results.csv").mkdir()
+        drop(inbox, "second.png", digit_png(1))
+        wait_for(lambda: len(results(outbox)) == 2, 10, "the second JSON published")
+    finally:
+        d.kill()
+    (outbox / "results.csv").rmdir()
+    saved = inbox.parent / "results.csv.saved"
+    saved.write_bytes(saved.read_bytes() + b"caf\xe9.png,,error,,,false,by hand,m,x\r\n")
+    saved.rename(outbox / "results.csv")
+    d = DaemonProcess(inbox, outbox)
+    try:
+        d.wait_ready()
+        wait_for(lambda: not state(inbox, "work"), 10, "recovered")
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+    rows = [r["input"] for r in csv_rows_latin1(outbox)]
+    assert rows == ["first.png", "caf\xe9.png", "second.png"], rows
+
+
+def csv_rows_latin1(outbox: Path) -> list[dict[str, str]]:
+    import csv
+
+    with (outbox / "results.csv").open(newline="", encoding="latin-1") as f:
+        return list(csv.DictReader(f))
