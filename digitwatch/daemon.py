@@ -27,6 +27,7 @@ import contextlib
 import csv
 import ctypes
 import datetime as dt
+import errno
 import fcntl
 import gc
 import itertools
@@ -220,22 +221,50 @@ class WriteJson:
             if published is not None:
                 out[k] = published
                 continue
-            tmp = _tmp_name(path)
             try:
-                write_json_atomic(path, text, tmp_name=tmp)
-            except FileNotFoundError:
-                folder = Path(path).parent
-                if folder == Path(self.outbox) or not Path(self.outbox).is_dir():
-                    raise
-                folder.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(path, text, tmp_name=tmp)
+                self._write(path, text)
+            except OSError as e:
+                if e.errno not in _NAME_REFUSED:
+                    raise  # the outbox's fault (full, read-only, gone): hold the batch
+                # The outbox's filesystem refuses this name (an SMB share refuses ':' or
+                # '?', another has a shorter limit or takes UTF-8 only): the result goes
+                # under its claim id alone rather than holding every batch it is in.
+                fallback = fallback_json_path(path)
+                published = _published(fallback)
+                if published is not None:
+                    out[k] = published
+                    continue
+                self._write(fallback, text)
         return out
+
+    def _write(self, path: str, text: str) -> None:
+        tmp = _tmp_name(path)
+        try:
+            write_json_atomic(path, text, tmp_name=tmp)
+        except FileNotFoundError:
+            folder = Path(path).parent
+            if folder == Path(self.outbox) or not Path(self.outbox).is_dir():
+                raise
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, text, tmp_name=tmp)
+
+
+# What a filesystem answers for a name it will not take (not for a full or read-only one).
+_NAME_REFUSED = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ})
+
+
+def fallback_json_path(json_path: str) -> str:
+    """`<claim>.json` beside `<name>.<claim>.json`: the result's name when the outbox
+    refuses the input's name. The record inside still names the input."""
+    folder, _, name = json_path.rpartition("/")
+    return f"{folder}/{name.rsplit('.', 2)[1]}.json"
 
 
 def _tmp_name(json_path: str) -> str:
-    """`.tmp-<claim>` for `<name>.<claim>.json`: shorter than the result's name, and
-    hidden and without `.json`, so a reader globbing for results never opens it."""
-    return f".tmp-{json_path.rsplit('.', 2)[1]}"
+    """`.tmp-<claim>` for `<name>.<claim>.json` (or `<claim>.json`): shorter than the
+    result's name, and hidden and without `.json`, so a reader globbing for results
+    never opens it."""
+    return f".tmp-{json_path.rsplit('.', 2)[-2].rpartition('/')[2]}"
 
 
 def _published(path: str) -> Record | None:
@@ -590,10 +619,9 @@ class Daemon:
                     continue  # ours, held: its next attempt keeps any JSON it published
                 rel = base if sub == "." else f"{sub}/{base}"
                 claim = Claim(rel, claim_id, f"{dirpath}/{name}", time.time())
-                try:
-                    data = json.loads(Path(self.results.json_path(claim)).read_text())
-                    record = Record(**data)
-                except (OSError, ValueError, TypeError):
+                path = self.results.json_path(claim)
+                record = _published(path) or _published(fallback_json_path(path))
+                if record is None:
                     self.backlog.append(claim)
                     continue
                 answered.append((claim, record))

@@ -19,6 +19,8 @@ from digitwatch.errors import ExitCode
 
 pytestmark = pytest.mark.slow
 
+HERE = Path(__file__).resolve().parent
+
 
 def _jsons(outbox: Path) -> dict[str, tuple[int, int, str]]:
     """Each result file's (inode, mtime_ns, text): any rewrite changes the first two."""
@@ -451,3 +453,44 @@ def csv_rows_latin1(outbox: Path) -> list[dict[str, str]]:
 
     with (outbox / "results.csv").open(newline="", encoding="latin-1") as f:
         return list(csv.DictReader(f))
+
+
+def test_a_name_the_outbox_refuses_gets_its_result_under_the_claim_id(
+    folders: tuple[Path, Path],
+) -> None:
+    """An outbox on an SMB share refuses 'what?.png.<claim>.json': that one result is
+    named by its claim id alone, the batch around it is never held, and recovery finds it."""
+    inbox, outbox = folders
+    launcher = [sys.executable, str(HERE / "faulty_run.py"), "smb-names", "-", "--"]
+    d = DaemonProcess(inbox, outbox, prefix=launcher)
+    try:
+        d.wait_ready()
+        for i, n in enumerate(["a:b.png", "plain.png"]):
+            drop(inbox, n, digit_png(i))
+        wait_for(lambda: len(csv_rows(outbox)) == 2, 10, "both answered")
+        wait_for(lambda: not state(inbox, "work"), 10, "settled")
+        assert not d.has_event("outbox_unwritable"), "a refused name is not the outbox's fault"
+        # Then one held with its result published under the claim id, and a crash.
+        (outbox / "results.csv").rename(inbox.parent / "results.csv.saved")
+        (outbox / "results.csv").mkdir()
+        drop(inbox, "what?.png", digit_png(2))
+        wait_for(lambda: len(results(outbox)) == 3, 10, "the third JSON published")
+    finally:
+        d.kill()
+    (outbox / "results.csv").rmdir()
+    (inbox.parent / "results.csv.saved").rename(outbox / "results.csv")
+    d = DaemonProcess(inbox, outbox)
+    try:
+        d.wait_ready()
+        wait_for(lambda: len(csv_rows(outbox)) == 3, 10, "the recovered row")
+        wait_for(lambda: not state(inbox, "work"), 10, "settled")
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+    names = {"a:b.png", "plain.png", "what?.png"}
+    assert_exactly_once(outbox, names)
+    by_file = {p.name: json.loads(p.read_text())["input"] for p in outbox.glob("*.json")}
+    for name, shown in by_file.items():
+        if shown == "plain.png":
+            assert name.startswith("plain.png."), name
+        else:
+            assert name.count(".") == 1 and ":" not in name and "?" not in name, name
