@@ -864,12 +864,11 @@ class Daemon:
         reason = None
         if not stat.S_ISREG(st.st_mode):
             reason = "not a regular file; left in place"
-        elif len(os.fsencode(name)) + len(claim_id) + len("..json") > _NAME_MAX:
-            # The longest name made from it, the result's `<name>.<claim>.json`, would not
-            # fit (the claimed `<claim>~<name>` and the temp file are shorter): answering it
-            # would fail every batch it is in.
+        elif len(os.fsencode(name)) + len(claim_id) + 1 > _NAME_MAX:
+            # Its claimed name `<claim>~<name>` would not fit. (A result name that does not
+            # fit, `<name>.<claim>.json`, is written as `<claim>.json`: see WriteJson.)
             reason = (
-                f"name too long: over {_NAME_MAX - len(claim_id) - 6} bytes, its result"
+                f"name too long: over {_NAME_MAX - len(claim_id) - 1} bytes, its claimed"
                 " name would not fit; left in place"
             )
         if reason is not None:
