@@ -39,7 +39,7 @@ def _held_for(d: DaemonProcess, seconds: float) -> bool:
     return (dt.datetime.now(dt.UTC) - t0).total_seconds() > seconds
 
 
-@pytest.mark.parametrize("workers", ["2"])
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_held_batch_never_rewrites_its_published_results(
     folders: tuple[Path, Path], workers: str
 ) -> None:
