@@ -27,6 +27,7 @@ import contextlib
 import csv
 import ctypes
 import datetime as dt
+import errno
 import fcntl
 import gc
 import itertools
@@ -159,7 +160,6 @@ class Claim:
     work: str  # where the claimed file is now
     detected_at: float  # wall clock
     size: int = 0  # bytes when claimed
-    answered_before: bool = False  # held or adopted: its JSON may be published already
 
     @property
     def subdir(self) -> str:
@@ -224,13 +224,14 @@ def _stamp() -> str:
 class WriteJson:
     """The daemon's Finisher: stamp each record and write its JSON, in the worker.
 
-    Each input's tag is (JSON path, detected_at, answered before). A missing folder below
-    the outbox is made (results mirrored from inbox subfolders, --recursive); a missing
-    outbox is not (an unmounted share): the error holds the batch until it is back.
+    Each input's tag is (JSON path, detected_at). A missing folder below the outbox is
+    made (results mirrored from inbox subfolders, --recursive); a missing outbox is not
+    (an unmounted share): the error holds the batch until it is back.
 
-    A claim whose JSON is already there (a held batch answered again, or an adopted
-    claim) keeps that JSON and its record: a published result never changes, however
-    often a batch that cannot commit is retried.
+    A claim whose JSON is already there keeps that JSON and its record: a published
+    result never changes, however often its claim is answered again (a held batch's
+    retries, the one-by-one rerun after a worker died, an adopted claim). The check costs
+    a new file one access() call (~2 us).
     """
 
     outbox: str
@@ -243,20 +244,24 @@ class WriteJson:
         ]
         for k, (item, text) in enumerate(zip(items, [r.to_json() for r in out], strict=True)):
             path = item.tag[0]
-            if item.tag[2]:  # answered before: a JSON may be published already
-                published = _published(path)
+            published = _published(path)
+            if published is not None:
+                out[k] = published
+                continue
+            try:
+                self._write(path, text)
+            except OSError as e:
+                if e.errno not in _NAME_REFUSED:
+                    raise  # the outbox's fault (full, read-only, gone): hold the batch
+                # The outbox's filesystem refuses this name (an SMB share refuses ':' or
+                # '?', another has a shorter limit or takes UTF-8 only): the result goes
+                # under its claim id alone rather than holding every batch it is in.
+                fallback = fallback_json_path(path)
+                published = _published(fallback)
                 if published is not None:
                     out[k] = published
                     continue
-            tmp = _tmp_name(path)
-            try:
-                write_json_atomic(path, text, tmp_name=tmp)
-            except FileNotFoundError:
-                folder = Path(path).parent
-                if folder == Path(self.outbox) or not Path(self.outbox).is_dir():
-                    raise
-                folder.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(path, text, tmp_name=tmp)
+                self._write(fallback, text)
         if self.review_dir is not None:
             for item, rec, result in zip(items, out, results, strict=True):
                 if review.wanted(rec):
@@ -273,15 +278,40 @@ class WriteJson:
         except OSError as e:
             log.warning("review_failed", input=rec.input, claim=claim_id, error=str(e))
 
+    def _write(self, path: str, text: str) -> None:
+        tmp = _tmp_name(path)
+        try:
+            write_json_atomic(path, text, tmp_name=tmp)
+        except FileNotFoundError:
+            folder = Path(path).parent
+            if folder == Path(self.outbox) or not Path(self.outbox).is_dir():
+                raise
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, text, tmp_name=tmp)
+
+
+# What a filesystem answers for a name it will not take (not for a full or read-only one).
+_NAME_REFUSED = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ})
+
+
+def fallback_json_path(json_path: str) -> str:
+    """`<claim>.json` beside `<name>.<claim>.json`: the result's name when the outbox
+    refuses the input's name. The record inside still names the input."""
+    folder, _, name = json_path.rpartition("/")
+    return f"{folder}/{name.rsplit('.', 2)[1]}.json"
+
 
 def _tmp_name(json_path: str) -> str:
-    """`.tmp-<claim>` for `<name>.<claim>.json`: shorter than the result's name, and
-    hidden and without `.json`, so a reader globbing for results never opens it."""
-    return f".tmp-{json_path.rsplit('.', 2)[1]}"
+    """`.tmp-<claim>` for `<name>.<claim>.json` (or `<claim>.json`): shorter than the
+    result's name, and hidden and without `.json`, so a reader globbing for results
+    never opens it."""
+    return f".tmp-{json_path.rsplit('.', 2)[-2].rpartition('/')[2]}"
 
 
 def _published(path: str) -> Record | None:
     """The record in the complete JSON at `path`, or None when there is none to keep."""
+    if not os.access(path, os.F_OK):
+        return None  # the usual case, a new claim: ~2 us, a failed open() costs ~7
     try:
         with open(path, encoding="utf-8") as f:  # noqa: PTH123 (plain strings, see Daemon)
             return Record(**json.loads(f.read()))
@@ -419,7 +449,8 @@ def _whole_rows_end(fd: int, start: int, end: int) -> int:
 
 
 def _csv_keys(fd: int) -> set[tuple[str, str]]:
-    with os.fdopen(os.dup(fd), "r", newline="", encoding="utf-8") as f:
+    # A byte that is not UTF-8 (a row written by another tool) must not stop recovery.
+    with os.fdopen(os.dup(fd), "r", newline="", encoding="utf-8", errors="replace") as f:
         f.seek(0)
         reader = csv.reader(f)
         header = next(reader, None)
@@ -656,11 +687,10 @@ class Daemon:
                 if claim_id in queued:
                     continue  # ours, held: its next attempt keeps any JSON it published
                 rel = base if sub == "." else f"{sub}/{base}"
-                claim = Claim(rel, claim_id, f"{dirpath}/{name}", time.time(), 0, True)
-                try:
-                    data = json.loads(Path(self.results.json_path(claim)).read_text())
-                    record = Record(**data)
-                except (OSError, ValueError, TypeError):
+                claim = Claim(rel, claim_id, f"{dirpath}/{name}", time.time())
+                path = self.results.json_path(claim)
+                record = _published(path) or _published(fallback_json_path(path))
+                if record is None:
                     self.backlog.append(claim)
                     continue
                 answered.append((claim, record))
@@ -966,12 +996,11 @@ class Daemon:
         reason = None
         if not stat.S_ISREG(st.st_mode):
             reason = "not a regular file; left in place"
-        elif len(os.fsencode(name)) + len(claim_id) + len("..json") > _NAME_MAX:
-            # The longest name made from it, the result's `<name>.<claim>.json`, would not
-            # fit (the claimed `<claim>~<name>` and the temp file are shorter): answering it
-            # would fail every batch it is in.
+        elif len(os.fsencode(name)) + len(claim_id) + 1 > _NAME_MAX:
+            # Its claimed name `<claim>~<name>` would not fit. (A result name that does not
+            # fit, `<name>.<claim>.json`, is written as `<claim>.json`: see WriteJson.)
             reason = (
-                f"name too long: over {_NAME_MAX - len(claim_id) - 6} bytes, its result"
+                f"name too long: over {_NAME_MAX - len(claim_id) - 1} bytes, its claimed"
                 " name would not fit; left in place"
             )
         if reason is not None:
@@ -1005,11 +1034,7 @@ class Daemon:
                 c.rel,
                 path=c.work,
                 size=c.size,
-                tag=(
-                    self.results.json_path(c),
-                    _iso(int(c.detected_at * 1_000_000)),
-                    c.answered_before,
-                ),
+                tag=(self.results.json_path(c), _iso(int(c.detected_at * 1_000_000))),
             )
             for c in claims
         ]
@@ -1050,8 +1075,6 @@ class Daemon:
         files are answered first when writing works again.
         """
         now = time.monotonic()
-        for c in claims:
-            c.answered_before = True
         self.backlog[:0] = claims
         self.backoff = min(_RETRY_MAX, self.backoff * 2 or _RETRY_MIN)
         self.retry_at = now + self.backoff

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from digitwatch.results import CSV_COLUMNS
 from digitwatch.settings import Settings
 
 CHUNK = 64
+_NAME_MAX = 255  # bytes in one file name on Linux filesystems
 
 
 def _kind(mode: int) -> str:
@@ -68,6 +70,20 @@ def _inputs(paths: list[Path], recursive: bool) -> Iterator[Input]:
             # Named on the command line, so a symlink is followed: the user chose it. A
             # missing file becomes an error record.
             yield Input(path.name, path=str(path.resolve()))
+
+
+_DEBUG_SUFFIX = ".28x28.png"
+
+
+def _debug_name(name: str) -> str:
+    """`<name>.28x28.png`, or, for a name too long to take the suffix (Linux allows 255
+    bytes), its first bytes and a hash of the whole: still told apart, never refused."""
+    raw = os.fsencode(name)
+    if len(raw) + len(_DEBUG_SUFFIX) <= _NAME_MAX:
+        return name + _DEBUG_SUFFIX
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    keep = _NAME_MAX - len(_DEBUG_SUFFIX) - len(digest) - 1
+    return os.fsdecode(raw[:keep]) + f"~{digest}{_DEBUG_SUFFIX}"
 
 
 def predict_paths(

@@ -2,8 +2,10 @@
 
     python tests/faulty_run.py STEP MARKER -- <python> -m digitwatch run ...
 
-STEP is json (a result file's write), csv (the rows' append, cut half-way), sync or
-archive (an input's move to processed/). "Once" is across the daemon and its forked
+STEP is json (a result file's write), worker (a worker dies right after publishing one
+result), csv (the rows' append, cut half-way), sync or archive (an input's move to
+processed/), or smb-names (an outbox that refuses every name with ':' or '?', as an
+SMB share does: not once, always). "Once" is across the daemon and its forked
 workers: the first to create MARKER fails. Nothing in the package reads a variable or a
 flag for this; the fault is put in from outside, as a broken disk would.
 """
@@ -37,6 +39,16 @@ def _inject(step: str, marker: str) -> None:
             real_json(path, text, **kw)
 
         daemon.write_json_atomic = write_json  # type: ignore[assignment]
+    elif step == "worker":
+        real_json = daemon.write_json_atomic
+        parent = os.getpid()
+
+        def publish_then_die(path: Any, text: str, **kw: Any) -> None:
+            real_json(path, text, **kw)
+            if os.getpid() != parent and _first(marker):
+                os._exit(70)  # a worker killed between two of its batch's JSON writes
+
+        daemon.write_json_atomic = publish_then_die  # type: ignore[assignment]
     elif step == "csv":
         real_write = os.write
 
@@ -69,6 +81,16 @@ def _inject(step: str, marker: str) -> None:
             real_rename(src, dst, **kw)
 
         os.rename = rename
+    elif step == "smb-names":
+        # Not once: an outbox on an SMB share refuses every name with ':' or '?' in it.
+        real_replace = os.replace
+
+        def replace(src: Any, dst: Any, **kw: Any) -> None:
+            if any(c in os.fsdecode(dst).rpartition("/")[2] for c in ":?"):
+                raise OSError(errno.EINVAL, "Invalid argument", os.fsdecode(dst))
+            real_replace(src, dst, **kw)
+
+        os.replace = replace
     else:
         raise SystemExit(f"unknown step {step}")
 

@@ -98,10 +98,11 @@ def test_any_file_name_is_answered_once_or_left_with_a_reason(
         assert d.proc.poll() is None, d.log.read_text()[-3000:]
         if rows_for(text) > rows:
             answered[text] += 1
-            assert len(name) <= _NAME_MAX - 6 - 24, f"answered, yet too long: {len(name)}"
+            # `<claim>~<name>` must fit; the claim id is 24 bytes and its counter's digits.
+            assert len(name) <= _NAME_MAX - 1 - 24, f"answered, yet too long: {len(name)}"
         else:
             left.add(name)
-            assert len(name) > _NAME_MAX - 6 - 27, f"skipped, yet it fits: {len(name)}"
+            assert len(name) > _NAME_MAX - 1 - 27, f"skipped, yet it fits: {len(name)}"
 
     try:
         d.wait_ready()
@@ -123,8 +124,10 @@ def test_any_file_name_is_answered_once_or_left_with_a_reason(
             json.loads(line)  # every log line stays valid JSON
 
     # predict, the other way in: every name in a folder it is given (dotfiles aside).
+    debug = inbox.parent / "debug"
     done = subprocess.run(
-        [sys.executable, "-m", "digitwatch", "predict", str(everything), "--format", "jsonl"],
+        [sys.executable, "-m", "digitwatch", "predict", str(everything), "--format", "jsonl"]
+        + ["--debug-dir", str(debug)],
         capture_output=True,
         timeout=120,
         check=False,
@@ -134,9 +137,10 @@ def test_any_file_name_is_answered_once_or_left_with_a_reason(
     expected = {input_text(p.name)[0] for p in everything.iterdir() if not p.name.startswith(".")}
     assert {r["input"] for r in records} == expected
     assert all(r["status"] == "ok" for r in records), [r for r in records if r["status"] != "ok"]
+    assert len(list(debug.iterdir())) == len(expected), "one debug image per input"
 
 
-@pytest.mark.parametrize("step", ["json", "csv", "sync", "archive"])
+@pytest.mark.parametrize("step", ["json", "worker", "csv", "sync", "archive"])
 def test_every_commit_step_failing_once_loses_and_repeats_nothing(
     folders: tuple[Path, Path], step: str
 ) -> None:
