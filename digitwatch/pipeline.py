@@ -30,7 +30,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -510,7 +510,9 @@ class Pipeline:
             for i, (future, chunk) in enumerate(zip(futures, chunks, strict=True)):
                 try:
                     out[i::n] = [Result(r, None) for r in future.result()]
-                except BrokenProcessPool:
+                except (BrokenProcessPool, CancelledError):
+                    # A worker died; or one died under an earlier batch and its renewal
+                    # cancelled this chunk, queued to the broken pool: answer it anew.
                     out[i::n] = self._one_by_one(chunk, finish)
             return out
 

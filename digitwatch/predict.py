@@ -105,7 +105,7 @@ def predict_paths(
                 debug_dir.mkdir(parents=True, exist_ok=True)
                 for item, r in zip(chunk, out, strict=False):
                     if r.image is not None:
-                        write_png(debug_dir / f"{item.name}.28x28.png", r.image)
+                        write_png(debug_dir / _debug_name(item.name), r.image)
             results.extend(out)
     return results
 
