@@ -42,6 +42,14 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
+def _answered(outbox: Path) -> int:
+    """CSV rows so far (names here have no newlines)."""
+    try:
+        return max(0, (outbox / "results.csv").read_text().count("\n") - 1)
+    except FileNotFoundError:
+        return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=8)
@@ -88,7 +96,7 @@ def main() -> None:
     proc = subprocess.Popen(
         cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    peak, ready, stop_s = 0.0, None, None
+    peak, ready, sent, stop_s = 0.0, None, None, None
     t_end = time.monotonic() + 600
     try:
         while time.monotonic() < t_end and proc.poll() is None:
@@ -97,18 +105,17 @@ def main() -> None:
             pids = tree_pids(proc.pid)
             with contextlib.suppress(OSError):  # a worker just replaced
                 peak = max(peak, sum(pss_kb(p) for p in pids) / 1024)
-            stop_due = args.stop_after is not None and ready is not None
+            stop_due = args.stop_after is not None and ready is not None and sent is None
             if stop_due and time.monotonic() - ready >= args.stop_after:  # type: ignore[operator]
                 sent = time.monotonic()
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(60)
-                stop_s = time.monotonic() - sent
-                break
-            rows = outbox / "results.csv"
-            if rows.exists() and rows.read_text().count("\n") > args.files:
+                proc.send_signal(signal.SIGTERM)  # sampling goes on until the exit
+            if sent is None and _answered(outbox) >= args.files:
                 break
             time.sleep(0.02)
         finished = time.monotonic()
+        if sent is not None:
+            proc.wait(60)
+            stop_s = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -120,7 +127,7 @@ def main() -> None:
     start = ready if ready is not None else finished
     marks = [start, *[t for t in pings if t >= start], finished]
     gap = max(b - a for a, b in zip(marks, marks[1:], strict=False))
-    answered = max(0, (outbox / "results.csv").read_text().count("\n") - 1)
+    answered = _answered(outbox)
     print(f"files {args.files} x 36 MP 16-bit RGBA PNG ({len(data) / 1e6:.1f} MB each)")
     print(f"answered {answered} in {finished - start:.1f} s after READY")
     print(f"peak memory, daemon + workers (summed PSS): {peak:.0f} MB")
