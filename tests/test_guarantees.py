@@ -360,10 +360,10 @@ def test_a_name_in_flight_is_not_read_again_until_its_answer_is_written(
 # -- the README's table -----------------------------------------------------------------------
 
 
-def _guarantee_rows() -> list[tuple[str, str]]:
-    """(guarantee, tested by) for each row of the README's guarantees table."""
-    text = (REPO / "README.md").read_text()
-    start = text.index("| guarantee | how it is held | tested by |")
+def _table_rows(path: Path, header: str) -> list[tuple[str, str]]:
+    """(guarantee, tested by) for each row of the guarantees table under `header`."""
+    text = path.read_text()
+    start = text.index(header)
     rows = []
     for line in text[start:].splitlines()[2:]:
         if not line.startswith("|"):
@@ -371,6 +371,14 @@ def _guarantee_rows() -> list[tuple[str, str]]:
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         rows.append((cells[0], cells[-1]))
     return rows
+
+
+def _guarantee_rows() -> list[tuple[str, str]]:
+    """Both tables: the README's (the tests) and docs/service.md's (how each is held)."""
+    short = _table_rows(REPO / "README.md", "| guarantee | tested by |")
+    long = _table_rows(REPO / "docs" / "service.md", "| guarantee | how it is held | tested by |")
+    assert [g for g, _ in short] == [g for g, _ in long], "the two tables list the same rows"
+    return short + long
 
 
 def test_every_test_the_guarantees_table_names_exists() -> None:
