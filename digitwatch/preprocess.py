@@ -105,8 +105,15 @@ def _dark_paper(img: Gray) -> bool:
     p10, paper, p60 = _percentiles(border, (10, 50, 60))
     if paper >= 128 or p60 - p10 > 30:
         return False
-    lo, hi = _percentiles(img, (1, 99))
-    return bool(hi - paper > paper - lo)
+    # Dim paper in a dim room has an even, dark border too. What tells the two apart is
+    # which way the strokes stand out from their surroundings: a box blur a third of the
+    # image wide (the paper window of `_ink_map`) follows light and shadow but not a
+    # stroke, so the ink leaves the longer one-sided tail of deviations from it.
+    k = max(3, min(h, w) // 3)
+    near = cv2.blur(img, (k, k), borderType=cv2.BORDER_REPLICATE)
+    lighter = _percentiles(np.asarray(cv2.subtract(img, near), np.uint8), (99.5,))[0]
+    darker = _percentiles(np.asarray(cv2.subtract(near, img), np.uint8), (99.5,))[0]
+    return bool(lighter > darker)
 
 
 def _ink_map(img: Gray, dark_paper: bool) -> Gray:

@@ -24,6 +24,16 @@ def _width_28(out: np.ndarray) -> float:
     return preprocess.stroke_width((out > 127).astype(np.uint8) * 255)
 
 
+def _diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two 28x28 digits, over whole-pixel shifts of up to one
+    (centring rounds the centre of mass to the pixel, so equal shapes can land 1 px apart)."""
+    return min(
+        float(np.abs(a.astype(int) - np.roll(b, (dy, dx), (0, 1)).astype(int)).mean())
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    )
+
+
 def _mass_center(out: np.ndarray) -> tuple[float, float]:
     m = cv2.moments(out)
     return m["m10"] / m["m00"], m["m01"] / m["m00"]
@@ -44,6 +54,18 @@ def test_polarity_dark_on_light_and_light_on_dark_agree() -> None:
     assert a is not None and b is not None
     assert a.mean() > 20  # ink made bright
     assert np.abs(a.astype(int) - b.astype(int)).mean() < 5
+
+
+def test_dark_ink_on_dim_unevenly_lit_paper_is_dark_ink() -> None:
+    """A small digit on dim gray paper lit from one side: an even, dark border, and
+    lit paper brighter than the border by more than the few ink pixels are darker."""
+    clean = np.full((400, 400), 255, np.uint8)
+    cv2.circle(clean, (200, 200), 30, 0, 4, cv2.LINE_AA)
+    light = 0.8 + 0.4 * np.mgrid[0:400, 0:400][1].astype(np.float32) / 400
+    page = ((100 - 45 * (255 - clean.astype(np.float32)) / 255) * light).astype(np.uint8)
+    a, b = to_mnist(clean), to_mnist(page)
+    assert a is not None and b is not None
+    assert _diff(a, b) < 8
 
 
 @pytest.mark.parametrize(("side", "thickness"), [(60, 1), (1200, 2), (1080, 150), (400, 30)])
