@@ -102,6 +102,33 @@ def test_ruled_lines_do_not_join_a_faint_stroke() -> None:
     assert _diff(a, b) < 10
 
 
+def _three() -> np.ndarray:
+    """A synthetic 28x28 "3", light on black as MNIST's files are (for corpus.stroke)."""
+    d = np.zeros((28, 28), np.uint8)
+    cv2.ellipse(d, (14, 9), (5, 5), 0, -180, 90, 255, 2)
+    cv2.ellipse(d, (14, 19), (5, 5), 0, -90, 180, 255, 2)
+    return d
+
+
+def _drawn(side: int, size: int, width: float) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    cover = corpus.stroke(_three(), size, width, rng)
+    canvas = np.full((side, side), 255, np.float32)
+    h, w = cover.shape
+    y, x = (side - h) // 3, (side - w) // 4
+    canvas[y : y + h, x : x + w] -= 195 * cover
+    return canvas.astype(np.uint8)
+
+
+@pytest.mark.parametrize(("side", "size"), [(1800, 540), (1200, 400)])
+def test_a_1_px_line_on_a_big_canvas_keeps_its_whole_stroke(side: int, size: int) -> None:
+    """Area averaging a 1-px anti-aliased line 3-4.5x turns it into a dashed faint line
+    whose pieces under half the peak were dropped (a 3 read as its top arc)."""
+    a, b = to_mnist(_drawn(side, size, 1.0)), to_mnist(_drawn(400, 240, 24))
+    assert a is not None and b is not None
+    assert _diff(a, b) < 12
+
+
 @pytest.mark.parametrize(("side", "thickness"), [(60, 1), (1200, 2), (1080, 150), (400, 30)])
 def test_stroke_width_is_brought_toward_mnist(side: int, thickness: int) -> None:
     """1-px lines are thickened and brush strokes thinned: 28x28 widths end up alike."""
