@@ -66,6 +66,10 @@ LINE_SPAN = 0.95
 LINE_TILT = 4
 PEAK_PERCENTILE = 98
 LINE_THICK = 3
+EDGE_BAND = 0.15  # page structure along an edge: within this share of the side ...
+EDGE_COVER = 0.9  # ... covering this share of a row (a paper edge, a shadow line)
+TABLE_LEVEL = 0.65  # an edge row this much darker than the paper is the table beyond it
+TABLE_STEP = 0.2  # ... when the paper's edge is a sharp step of this share of the paper
 WEAK_FRACTION = 0.2  # hysteresis: weak ink joins the digit down to this share of the peak
 WEAK_SIGMAS = 6.0  # ... and at least this many times the paper's noise above the paper
 LOCAL_GAIN = 4.0  # a faint part of a stroke is raised at most this many times
@@ -132,6 +136,35 @@ def _dark_paper(img: Gray) -> bool:
     return bool(lighter > darker)
 
 
+def _trim_edges(img: Gray) -> Gray:
+    """`img` without the dark rows and columns at its edges that are beyond the paper.
+
+    A crop cut from a photographed sheet often shows the table past the paper's edge:
+    rows from the border inward that are dark (under TABLE_LEVEL of the paper) across
+    EDGE_COVER of their length, and at most EDGE_BAND of the side. The paper model
+    would take such a strip for ink, and where the digit touches it, for a part of the
+    digit; a stroke never darkens a whole row.
+    """
+    (paper,) = _percentiles(img, (90,))  # the lit paper: most of the image, and lighter
+    cut = []
+    for side in (img, img[::-1], img.T, img.T[::-1]):
+        # Rows from this edge inward: dark across their length, up to the paper's edge,
+        # which is a step of at least TABLE_STEP of the paper's level within 3 rows (a
+        # shadow's edge is soft: its darkness fades over many rows, and it stays).
+        n = len(side)
+        dark = np.percentile(side[: round(EDGE_BAND * n) + 1], 100 * EDGE_COVER, axis=1)
+        k = 0
+        while k < round(EDGE_BAND * n) and dark[k] < TABLE_LEVEL * paper:
+            k += 1
+        if k and k + 1 < n:
+            level = np.median(side[[max(0, k - 2), k + 1]], axis=1)
+            if level[1] - level[0] < TABLE_STEP * paper:
+                k = 0
+        cut.append(k)
+    h, w = img.shape
+    return img[cut[0] : h - cut[1], cut[2] : w - cut[3]]
+
+
 def _ink_map(img: Gray, dark_paper: bool) -> Gray:
     """Ink strength 0-255 with the paper, its shadows and uneven light taken out."""
     # A window a third of the image wide is far wider than any stroke, so thick strokes
@@ -177,6 +210,46 @@ def _lines(mask: Gray) -> Gray:
         )
         thin = cv2.subtract(mask, thick)
         out |= np.asarray(cv2.bitwise_and(thin, band), np.uint8)
+    return out
+
+
+def _edge_bands(mask: Gray) -> Gray:
+    """Pixels of the page's structure along the image's edges: a paper edge with the
+    table beyond it, a shadow line or a fold, running across the whole image within
+    EDGE_BAND of its side.
+
+    Such a band may be as thick as a stroke and touch a digit that fills a small crop,
+    so neither the line test nor the component test sees it; a hand-drawn stroke never
+    covers EDGE_COVER of a row. Rows are counted after a smear of 2% of the image, so
+    a band tilted by the camera still counts.
+    """
+    out = np.zeros_like(mask)
+    for horizontal in (True, False):
+        m = mask if horizontal else mask.T
+        rows_n, cols_n = m.shape
+        tilt = max(1, round(0.02 * rows_n))
+        smear = cv2.getStructuringElement(cv2.MORPH_RECT, (1, 2 * tilt + 1))
+        cover = np.count_nonzero(cv2.dilate(m, smear), axis=1) / cols_n
+        edge = max(1, round(EDGE_BAND * rows_n))
+        full = cover >= EDGE_COVER
+        full[edge : rows_n - edge] = False
+        if not full.any():
+            continue
+        # The band's blurred fringe: rows at least half covered next to it.
+        band = full.copy()
+        for _ in range(edge):
+            grown = band | ((np.roll(band, 1) | np.roll(band, -1)) & (cover >= 0.5))
+            if (grown == band).all():
+                break
+            band = grown
+        band = np.convolve(band, np.ones(2 * tilt + 1), "same") > 0
+        # Only what is no taller than the band goes: a stroke that crosses it, or lies
+        # along it and is thicker, stays.
+        tall = cv2.getStructuringElement(cv2.MORPH_RECT, (1, int(band.sum()) + 3))
+        thin = cv2.subtract(m, cv2.morphologyEx(m, cv2.MORPH_OPEN, tall))
+        hit = np.zeros_like(m)
+        hit[band] = thin[band]
+        out |= hit if horizontal else np.ascontiguousarray(hit.T)
     return out
 
 
@@ -299,7 +372,12 @@ def _grow(ink: Gray, seeds: Gray, peak: float) -> Gray:
     # they may be. The seeds are put back after, so no strong ink is lost to it.
     r = max(1, round(0.25 * stroke_width(seeds)))
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    weak = np.asarray(cv2.morphologyEx(weak, cv2.MORPH_OPEN, disc), np.uint8) | seeds
+    weak = np.asarray(cv2.morphologyEx(weak, cv2.MORPH_OPEN, disc), np.uint8)
+    # A shadow line along the edge is only partly over half the peak, and the part that
+    # touches the digit came in with the seeds: at the weak level it is whole and found.
+    bands = _edge_bands(weak)
+    seeds = np.asarray(cv2.subtract(seeds, bands), np.uint8)
+    weak = np.asarray(cv2.subtract(weak, bands), np.uint8) | seeds
     n, labels = cv2.connectedComponents(weak, connectivity=8)
     table = np.zeros(n, np.uint8)
     table[np.unique(labels[seeds > 0])] = 255
@@ -402,6 +480,8 @@ def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
     dark = _dark_paper(img)
     if max(gray.shape) >= 2 * WORK_SIDE:
         img = _fit(gray, dark)
+    if not dark:
+        img = _trim_edges(img)
     ink = _ink_map(img, dark)
     t_otsu, otsu = cv2.threshold(ink, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     mask: Gray = np.asarray(otsu, np.uint8)
@@ -424,6 +504,7 @@ def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
     if 0.5 * peak > t_otsu:
         mask = np.asarray((ink > 0.5 * peak).astype(np.uint8) * 255)
     mask = np.asarray(cv2.subtract(mask, _lines(mask)), np.uint8)
+    mask = np.asarray(cv2.subtract(mask, _edge_bands(mask)), np.uint8)
     found = _select(mask)
     if found is None:
         return None

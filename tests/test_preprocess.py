@@ -129,6 +129,33 @@ def test_a_1_px_line_on_a_big_canvas_keeps_its_whole_stroke(side: int, size: int
     assert _diff(a, b) < 12
 
 
+def _filled_crop(edge: str) -> np.ndarray:
+    """A synthetic "3" filling a 64 px crop of gray paper and touching its top and
+    bottom, with a paper edge (the dark table beyond it) or a shadow line along a side."""
+    side = 64
+    cover = corpus.stroke(_three(), 70, 7, np.random.default_rng(0))
+    h, w = cover.shape
+    cover = cover[(h - side) // 2 : (h - side) // 2 + side, (w - 44) // 2 : (w - 44) // 2 + 44]
+    page = np.full((side, side), 170, np.float32)
+    page[:, 10:54] -= 130 * cover
+    if edge == "table":
+        page[:, :5] = 60  # the table past the paper's left edge
+    elif edge == "shadow":
+        line = np.zeros((side, side), np.float32)
+        cv2.line(line, (58, 0), (60, side - 1), 1.0, 3)  # beside the digit, tilted
+        page *= 1 - 0.6 * cv2.GaussianBlur(line, (0, 0), 1.0)
+    return np.clip(page, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("edge", ["table", "shadow"])
+def test_a_digit_filling_its_crop_is_not_taken_for_page_structure(edge: str) -> None:
+    """A paper edge or a shadow line along the side of a crop the digit fills joined the
+    digit (a 3 with a bar under it, a 9 with a stroke beside it)."""
+    a, b = to_mnist(_filled_crop("none")), to_mnist(_filled_crop(edge))
+    assert a is not None and b is not None
+    assert _diff(a, b) < 12
+
+
 @pytest.mark.parametrize(("side", "thickness"), [(60, 1), (1200, 2), (1080, 150), (400, 30)])
 def test_stroke_width_is_brought_toward_mnist(side: int, thickness: int) -> None:
     """1-px lines are thickened and brush strokes thinned: 28x28 widths end up alike."""
