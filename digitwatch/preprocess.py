@@ -55,7 +55,7 @@ STEPS = """\
    The classifier then normalizes with the mean and std from the weights' metadata.
 """
 
-WORK_SIDE = 400
+WORK_SIDE = 256
 CLEAN_SIDE = 40  # images up to this side on an even ground take the fast path
 CLEAN_BORDER_SPREAD = 16  # most minus least of the outermost pixels: an even ground
 MIN_SIDE = 64
@@ -66,6 +66,7 @@ LINE_SPAN = 0.95
 LINE_TILT = 4
 PEAK_PERCENTILE = 98
 LINE_THICK = 3
+MIN_FILL = 0.02  # a digit's pixels fill at least this share of its box (a 1-px 7: ~3%)
 EDGE_BAND = 0.15  # page structure along an edge: within this share of the side ...
 EDGE_COVER = 0.9  # ... covering this share of a row (a paper edge, a shadow line)
 TABLE_LEVEL = 0.65  # an edge row this much darker than the paper is the table beyond it
@@ -136,6 +137,11 @@ def _dark_paper(img: Gray) -> bool:
     return bool(lighter > darker)
 
 
+def _is_dark_row(row: Gray, level: float) -> bool:
+    """True when EDGE_COVER of the row's pixels are darker than `level`."""
+    return bool(np.count_nonzero(row < level) >= EDGE_COVER * row.size)
+
+
 def _trim_edges(img: Gray) -> Gray:
     """`img` without the dark rows and columns at its edges that are beyond the paper.
 
@@ -151,10 +157,9 @@ def _trim_edges(img: Gray) -> Gray:
         # Rows from this edge inward: dark across their length, up to the paper's edge,
         # which is a step of at least TABLE_STEP of the paper's level within 3 rows (a
         # shadow's edge is soft: its darkness fades over many rows, and it stays).
-        n = len(side)
-        dark = np.percentile(side[: round(EDGE_BAND * n) + 1], 100 * EDGE_COVER, axis=1)
+        n, limit = len(side), round(EDGE_BAND * len(side))
         k = 0
-        while k < round(EDGE_BAND * n) and dark[k] < TABLE_LEVEL * paper:
+        while k < limit and _is_dark_row(side[k], TABLE_LEVEL * paper):
             k += 1
         if k and k + 1 < n:
             level = np.median(side[[max(0, k - 2), k + 1]], axis=1)
@@ -342,6 +347,10 @@ def _select(mask: Gray) -> tuple[tuple[int, int, int, int], Labels, Gray] | None
     by1 = int((boxes[:, 1] + boxes[:, 3]).max())
     if max(bx1 - bx0, by1 - by0) < 0.04 * max(h, w) or areas[keep].sum() < 12:
         return None
+    mx0, my0, mx1, my1 = box[main]
+    grown_area = (bx1 - bx0) * (by1 - by0)
+    if grown_area > 4 * (mx1 - mx0) * (my1 - my0) and areas[keep].sum() < MIN_FILL * grown_area:
+        return None  # a speck that gathered scattered bits of ruled lines across the page
     table = np.zeros(n, np.uint8)
     table[1 + np.array(keep)] = 255
     return (bx0, by0, bx1, by1), labels, table
