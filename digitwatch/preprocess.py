@@ -549,7 +549,7 @@ def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
     local = np.maximum(local.astype(np.float32), peak / LOCAL_GAIN)
     soft = np.asarray(np.clip(crop * (255.0 / 0.9) / local, 0, 255), np.uint8)
     near = cv2.dilate(keep, np.ones((3, 3), np.uint8), iterations=2)
-    soft = cv2.bitwise_and(soft, near)
+    soft = np.asarray(cv2.bitwise_and(soft, near), np.uint8)
     # Below a quarter of the stroke's level is paper grain or a notebook line, not ink.
     soft[soft < 64] = 0
     digit = np.asarray((soft > 127).astype(np.uint8) * 255)
@@ -566,12 +566,12 @@ def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
             r = round((TARGET_WIDTH * side - width) / 2)
         if r > 0:
             k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-            soft = cv2.dilate(np.pad(soft, r), k)
+            soft = np.asarray(cv2.dilate(np.pad(soft, r), k), np.uint8)
         elif r < 0:
             k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (-2 * r + 1, -2 * r + 1))
             eroded = cv2.erode(soft, k)
             if cv2.countNonZero(eroded) > 0.3 * cv2.countNonZero(soft):
-                soft = eroded
+                soft = np.asarray(eroded, np.uint8)
     return _render(np.asarray(soft, np.uint8))
 
 
