@@ -66,10 +66,10 @@ ADDED_FLOORS = {
     "photo_faint_stroke": 0.90,
     "photo_pencil": 0.86,
     "photo_low_contrast": 0.70,
-    "crop_filled": 0.92,
-    "canvas_thin_big": 0.96,
-    "continental_photo": 0.72,
-    "continental_canvas": 0.70,
+    "crop_filled": 0.90,
+    "canvas_thin_big": 0.94,
+    "continental_photo": 0.75,
+    "continental_canvas": 0.72,
 }
 
 
