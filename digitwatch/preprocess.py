@@ -19,8 +19,9 @@ STEPS = """\
 0. Fast path: an image of at most CLEAN_SIDE px whose outermost pixels are even (an
    MNIST file, an icon-sized drawing) has no paper to remove: its ink is its distance
    from that ground, and it goes straight to step 8.
-1. Working size: images over WORK_SIDE px are shrunk by area averaging (a thin stroke
-   survives as a fainter line); images under MIN_SIDE px are enlarged by a whole factor
+1. Working size: images over WORK_SIDE px are shrunk by area averaging, the ink first
+   thickened by the factor when it is 2x or more (a 1-2 px line keeps its darkness);
+   images under MIN_SIDE px are enlarged by a whole factor
    so a 16x16 scan or a 28x28 file has enough pixels to measure strokes on.
 2. Polarity: light ink on an evenly dark border (a drawing app's canvas, an MNIST
    file) is taken as is; anything else is dark ink on paper, however deep the shadow.
@@ -36,10 +37,14 @@ STEPS = """\
    the image (lines, tilted up to LINE_TILT px). Connected components: the biggest
    piece near the middle is the digit, and pieces near it are added while they are
    not specks (the bar of a 5, the halves of a 4); page-long hairlines, dashes and
-   far marks are dropped.
+   far marks are dropped. Hysteresis then grows the digit: weak ink (WEAK_FRACTION of
+   the peak, or WEAK_SIGMAS times the paper's noise) that connects to it is part of
+   it, after lines and grain thinner than the pen are opened out of the weak mask, so a
+   stroke the pen pressed lightly stays whole.
 6. Crop the digit's box from the ink map, scale its longer side to DIGIT_SIDE px and
-   map the pen's peak to white, so blur and contrast no longer matter; faint residue
-   under a quarter of the peak is cleared.
+   scale each part of the stroke by its own local peak (at most LOCAL_GAIN times), so
+   blur, contrast and uneven pressure no longer matter; faint residue under a quarter
+   of that level is cleared.
 7. Stroke width: 2 * area / perimeter of the half-peak mask. When it falls outside
    MNIST's own spread (WIDTH_BAND, relative to the digit's longer side) the image is
    dilated (1-px lines) or eroded (thick brushes) toward MNIST's median, TARGET_WIDTH.
@@ -50,7 +55,7 @@ STEPS = """\
    The classifier then normalizes with the mean and std from the weights' metadata.
 """
 
-WORK_SIDE = 400
+WORK_SIDE = 256
 CLEAN_SIDE = 40  # images up to this side on an even ground take the fast path
 CLEAN_BORDER_SPREAD = 16  # most minus least of the outermost pixels: an even ground
 MIN_SIDE = 64
@@ -61,6 +66,14 @@ LINE_SPAN = 0.95
 LINE_TILT = 4
 PEAK_PERCENTILE = 98
 LINE_THICK = 3
+MIN_FILL = 0.02  # a digit's pixels fill at least this share of its box (a 1-px 7: ~3%)
+EDGE_BAND = 0.15  # page structure along an edge: within this share of the side ...
+EDGE_COVER = 0.9  # ... covering this share of a row (a paper edge, a shadow line)
+TABLE_LEVEL = 0.65  # an edge row this much darker than the paper is the table beyond it
+TABLE_STEP = 0.2  # ... when the paper's edge is a sharp step of this share of the paper
+WEAK_FRACTION = 0.2  # hysteresis: weak ink joins the digit down to this share of the peak
+WEAK_SIGMAS = 6.0  # ... and at least this many times the paper's noise above the paper
+LOCAL_GAIN = 4.0  # a faint part of a stroke is raised at most this many times
 # MNIST's stroke width relative to the digit's longer side, measured with
 # `stroke_width` on 2,000 MNIST test digits: median 0.110, 10th-90th percentile
 # 0.083-0.153 (tests/test_preprocess.py checks the median stays in the band).
@@ -75,11 +88,19 @@ def _percentiles(values: Gray, qs: tuple[float, ...]) -> list[float]:
     return [float(v) for v in found]
 
 
-def _fit(gray: Gray) -> Gray:
+def _fit(gray: Gray, dark_paper: bool | None = None) -> Gray:
+    """`gray` at working size; when it shrinks by 2x or more and the polarity is known,
+    the ink is thickened first by the shrink factor (a min filter for dark ink, a max
+    filter for light), so a 1-2 px pen line on a big canvas keeps its full darkness
+    instead of being averaged into the paper."""
     h, w = gray.shape
     side = max(h, w)
     if side > WORK_SIDE:
         s = WORK_SIDE / side
+        f = int(1 / s)
+        if dark_paper is not None and f >= 2:
+            k = cv2.getStructuringElement(cv2.MORPH_RECT, (f, f))
+            gray = np.asarray(cv2.dilate(gray, k) if dark_paper else cv2.erode(gray, k), np.uint8)
         size = (max(1, round(w * s)), max(1, round(h * s)))
         return np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_AREA), np.uint8)
     if side < MIN_SIDE:
@@ -105,8 +126,48 @@ def _dark_paper(img: Gray) -> bool:
     p10, paper, p60 = _percentiles(border, (10, 50, 60))
     if paper >= 128 or p60 - p10 > 30:
         return False
-    lo, hi = _percentiles(img, (1, 99))
-    return bool(hi - paper > paper - lo)
+    # Dim paper in a dim room has an even, dark border too. What tells the two apart is
+    # which way the strokes stand out from their surroundings: a box blur a third of the
+    # image wide (the paper window of `_ink_map`) follows light and shadow but not a
+    # stroke, so the ink leaves the longer one-sided tail of deviations from it.
+    k = max(3, min(h, w) // 3)
+    near = cv2.blur(img, (k, k), borderType=cv2.BORDER_REPLICATE)
+    lighter = _percentiles(np.asarray(cv2.subtract(img, near), np.uint8), (99.5,))[0]
+    darker = _percentiles(np.asarray(cv2.subtract(near, img), np.uint8), (99.5,))[0]
+    return bool(lighter > darker)
+
+
+def _is_dark_row(row: Gray, level: float) -> bool:
+    """True when EDGE_COVER of the row's pixels are darker than `level`."""
+    return bool(np.count_nonzero(row < level) >= EDGE_COVER * row.size)
+
+
+def _trim_edges(img: Gray) -> Gray:
+    """`img` without the dark rows and columns at its edges that are beyond the paper.
+
+    A crop cut from a photographed sheet often shows the table past the paper's edge:
+    rows from the border inward that are dark (under TABLE_LEVEL of the paper) across
+    EDGE_COVER of their length, and at most EDGE_BAND of the side. The paper model
+    would take such a strip for ink, and where the digit touches it, for a part of the
+    digit; a stroke never darkens a whole row.
+    """
+    (paper,) = _percentiles(img, (90,))  # the lit paper: most of the image, and lighter
+    cut = []
+    for side in (img, img[::-1], img.T, img.T[::-1]):
+        # Rows from this edge inward: dark across their length, up to the paper's edge,
+        # which is a step of at least TABLE_STEP of the paper's level within 3 rows (a
+        # shadow's edge is soft: its darkness fades over many rows, and it stays).
+        n, limit = len(side), round(EDGE_BAND * len(side))
+        k = 0
+        while k < limit and _is_dark_row(side[k], TABLE_LEVEL * paper):
+            k += 1
+        if k and k + 1 < n:
+            level = np.median(side[[max(0, k - 2), k + 1]], axis=1)
+            if level[1] - level[0] < TABLE_STEP * paper:
+                k = 0
+        cut.append(k)
+    h, w = img.shape
+    return img[cut[0] : h - cut[1], cut[2] : w - cut[3]]
 
 
 def _ink_map(img: Gray, dark_paper: bool) -> Gray:
@@ -154,6 +215,46 @@ def _lines(mask: Gray) -> Gray:
         )
         thin = cv2.subtract(mask, thick)
         out |= np.asarray(cv2.bitwise_and(thin, band), np.uint8)
+    return out
+
+
+def _edge_bands(mask: Gray) -> Gray:
+    """Pixels of the page's structure along the image's edges: a paper edge with the
+    table beyond it, a shadow line or a fold, running across the whole image within
+    EDGE_BAND of its side.
+
+    Such a band may be as thick as a stroke and touch a digit that fills a small crop,
+    so neither the line test nor the component test sees it; a hand-drawn stroke never
+    covers EDGE_COVER of a row. Rows are counted after a smear of 2% of the image, so
+    a band tilted by the camera still counts.
+    """
+    out = np.zeros_like(mask)
+    for horizontal in (True, False):
+        m = mask if horizontal else mask.T
+        rows_n, cols_n = m.shape
+        tilt = max(1, round(0.02 * rows_n))
+        smear = cv2.getStructuringElement(cv2.MORPH_RECT, (1, 2 * tilt + 1))
+        cover = np.count_nonzero(cv2.dilate(m, smear), axis=1) / cols_n
+        edge = max(1, round(EDGE_BAND * rows_n))
+        full = cover >= EDGE_COVER
+        full[edge : rows_n - edge] = False
+        if not full.any():
+            continue
+        # The band's blurred fringe: rows at least half covered next to it.
+        band = full.copy()
+        for _ in range(edge):
+            grown = band | ((np.roll(band, 1) | np.roll(band, -1)) & (cover >= 0.5))
+            if (grown == band).all():
+                break
+            band = grown
+        band = np.convolve(band, np.ones(2 * tilt + 1), "same") > 0
+        # Only what is no taller than the band goes: a stroke that crosses it, or lies
+        # along it and is thicker, stays.
+        tall = cv2.getStructuringElement(cv2.MORPH_RECT, (1, int(band.sum()) + 3))
+        thin = cv2.subtract(m, cv2.morphologyEx(m, cv2.MORPH_OPEN, tall))
+        hit = np.zeros_like(m)
+        hit[band] = thin[band]
+        out |= hit if horizontal else np.ascontiguousarray(hit.T)
     return out
 
 
@@ -246,9 +347,51 @@ def _select(mask: Gray) -> tuple[tuple[int, int, int, int], Labels, Gray] | None
     by1 = int((boxes[:, 1] + boxes[:, 3]).max())
     if max(bx1 - bx0, by1 - by0) < 0.04 * max(h, w) or areas[keep].sum() < 12:
         return None
+    mx0, my0, mx1, my1 = box[main]
+    grown_area = (bx1 - bx0) * (by1 - by0)
+    if grown_area > 4 * (mx1 - mx0) * (my1 - my0) and areas[keep].sum() < MIN_FILL * grown_area:
+        return None  # a speck that gathered scattered bits of ruled lines across the page
     table = np.zeros(n, np.uint8)
     table[1 + np.array(keep)] = 255
     return (bx0, by0, bx1, by1), labels, table
+
+
+def _grow(ink: Gray, seeds: Gray, peak: float) -> Gray:
+    """The digit's strokes whole: weak ink kept where it connects to the digit's seeds.
+
+    Hysteresis, as in Canny's edge detector: a pen rarely presses evenly, and the stem
+    of a 6 or the top of an 8 at a third of the pen's level is cut off by the half-peak
+    mask. The weak level is WEAK_FRACTION of the peak, or WEAK_SIGMAS times the paper's
+    own noise above it when that is higher (ink only a few levels darker than grainy
+    paper), measured on a one-pixel blur that also joins pencil grain. Lines and grain
+    thinner than the pen are opened out of the weak mask first, so a ruled line
+    crossing the digit does not join it.
+    """
+    b: Gray = np.asarray(cv2.GaussianBlur(ink, (0, 0), 1.0), np.uint8)
+    # Mostly paper: its median, and its spread from below (ruled lines, shadow residue
+    # and the ink itself are all on the upper side, and can cover a sixth of the page).
+    lower, paper = _percentiles(b, (16, 50))
+    level = max(WEAK_FRACTION * peak, paper + WEAK_SIGMAS * max(1.0, paper - lower))
+    if level >= 0.5 * peak:
+        return seeds
+    weak = np.asarray((b > level).astype(np.uint8) * 255)
+    # A faint part of a stroke is about as wide as the rest of the pen's stroke; ruled
+    # lines, the rest of a grid and paper grain are thinner, and an opening by a disc
+    # half the seeds' stroke width takes them out of the weak mask, tilted or broken as
+    # they may be. The seeds are put back after, so no strong ink is lost to it.
+    r = max(1, round(0.25 * stroke_width(seeds)))
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    weak = np.asarray(cv2.morphologyEx(weak, cv2.MORPH_OPEN, disc), np.uint8)
+    # A shadow line along the edge is only partly over half the peak, and the part that
+    # touches the digit came in with the seeds: at the weak level it is whole and found.
+    bands = _edge_bands(weak)
+    seeds = np.asarray(cv2.subtract(seeds, bands), np.uint8)
+    weak = np.asarray(cv2.subtract(weak, bands), np.uint8) | seeds
+    n, labels = cv2.connectedComponents(weak, connectivity=8)
+    table = np.zeros(n, np.uint8)
+    table[np.unique(labels[seeds > 0])] = 255
+    table[0] = 0
+    return np.asarray(table[labels], np.uint8)
 
 
 def _structured(ink: Gray) -> bool:
@@ -343,7 +486,12 @@ def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
     if quick is not False:
         return quick  # type: ignore[return-value]
     img = _fit(gray)
-    ink = _ink_map(img, _dark_paper(img))
+    dark = _dark_paper(img)
+    if max(gray.shape) >= 2 * WORK_SIDE:
+        img = _fit(gray, dark)
+    if not dark:
+        img = _trim_edges(img)
+    ink = _ink_map(img, dark)
     t_otsu, otsu = cv2.threshold(ink, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     mask: Gray = np.asarray(otsu, np.uint8)
     fg = ink[mask > 0]  # the paper is not gathered: its mean comes from sums below
@@ -365,15 +513,19 @@ def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
     if 0.5 * peak > t_otsu:
         mask = np.asarray((ink > 0.5 * peak).astype(np.uint8) * 255)
     mask = np.asarray(cv2.subtract(mask, _lines(mask)), np.uint8)
+    mask = np.asarray(cv2.subtract(mask, _edge_bands(mask)), np.uint8)
     found = _select(mask)
     if found is None:
         return None
-    (x0, y0, x1, y1), labels, table = found
+    _, labels, table = found
+    whole = _grow(ink, table[labels], peak)
+    x0, y0, bw, bh = cv2.boundingRect(whole)
+    x1, y1 = x0 + bw, y0 + bh
     h, w = ink.shape
     pad = max(2, (max(x1 - x0, y1 - y0)) // 8)
     x0, y0, x1, y1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
     crop = ink[y0:y1, x0:x1]
-    keep = table[labels[y0:y1, x0:x1]]
+    keep = whole[y0:y1, x0:x1]
     ch, cw = crop.shape
     s = DIGIT_SIDE / max(ch, cw)
     size = (max(1, round(cw * s)), max(1, round(ch * s)))
@@ -386,11 +538,19 @@ def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
     if vals.size == 0:
         return None
     (peak,) = _percentiles(vals, (90,))
-    near = cv2.dilate(keep, np.ones((DIGIT_SIDE // 8, DIGIT_SIDE // 8), np.uint8))
-    # Full ink at the stroke's peak level; the pen's edge (half the peak) maps to 127.
-    soft = cv2.convertScaleAbs(crop, alpha=255.0 / max(peak, 1.0))
-    soft = cv2.bitwise_and(soft, near)
-    # Below a quarter of the pen's level is paper grain or a notebook line, not ink.
+    # Each part of the stroke is scaled by its own level (the most ink within a stroke's
+    # width of it), so a part drawn at a third of the pen's pressure comes out as solid
+    # as the rest: MNIST's strokes are all saturated. Only the digit's own pixels are
+    # looked at, so shadow and paper around it are never boosted, and no part is raised
+    # more than LOCAL_GAIN times. The stroke's core is its local maximum, so a level
+    # of 0.9 of it is full ink, and the anti-aliased edge 2 px around the mask is kept.
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (DIGIT_SIDE // 8 + 1,) * 2)
+    local = cv2.dilate(cv2.bitwise_and(crop, keep), k)
+    local = np.maximum(local.astype(np.float32), peak / LOCAL_GAIN)
+    soft = np.asarray(np.clip(crop * (255.0 / 0.9) / local, 0, 255), np.uint8)
+    near = cv2.dilate(keep, np.ones((3, 3), np.uint8), iterations=2)
+    soft = np.asarray(cv2.bitwise_and(soft, near), np.uint8)
+    # Below a quarter of the stroke's level is paper grain or a notebook line, not ink.
     soft[soft < 64] = 0
     digit = np.asarray((soft > 127).astype(np.uint8) * 255)
     if cv2.countNonZero(digit) == 0:
@@ -406,12 +566,12 @@ def to_mnist(gray: Gray, *, normalize_width: bool = True) -> Gray | None:
             r = round((TARGET_WIDTH * side - width) / 2)
         if r > 0:
             k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-            soft = cv2.dilate(np.pad(soft, r), k)
+            soft = np.asarray(cv2.dilate(np.pad(soft, r), k), np.uint8)
         elif r < 0:
             k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (-2 * r + 1, -2 * r + 1))
             eroded = cv2.erode(soft, k)
             if cv2.countNonZero(eroded) > 0.3 * cv2.countNonZero(soft):
-                soft = eroded
+                soft = np.asarray(eroded, np.uint8)
     return _render(np.asarray(soft, np.uint8))
 
 

@@ -520,20 +520,35 @@ def grain(cover: F32, rng: Rng, width: float) -> F32:
 
 
 def _flat_photo(
-    cover: F32, rng: Rng, paper_hw: tuple[int, int], *, ink_delta: tuple[float, float] | None
+    cover: F32,
+    rng: Rng,
+    paper_hw: tuple[int, int],
+    *,
+    ink_delta: tuple[float, float] | None,
+    line_spacing: float | None = None,
 ) -> F32:
-    """Tinted, textured paper under uneven light, with `cover` drawn on it (BGR float)."""
+    """Tinted, textured paper under uneven light, with `cover` drawn on it (BGR float).
+
+    Ruled or squared lines (every `line_spacing` px) are printed on the paper, and a dim
+    exposure darkens paper, lines and ink alike: in a photo each is its reflectance times
+    the light, so a shadow or a dim room never leaves a line or the ink brighter.
+    """
     img = paper(paper_hw, rng, str(rng.choice(["beige", "pink", "white", "white"])))
-    # Tinted and dimmed paper (grey office paper, a yellow pad, a dim room).
-    img *= np.array(rng.uniform(0.7, 1.0, 3), np.float32) * rng.uniform(0.7, 1.0)
+    if line_spacing is not None:
+        rule_lines(img, rng, squared=rng.random() < 0.5, spacing=line_spacing)
+    # Tinted paper (grey office paper, a yellow pad) and a dim exposure (a dim room).
+    img *= np.array(rng.uniform(0.7, 1.0, 3), np.float32)
+    exposure = rng.uniform(0.7, 1.0)
     if ink_delta is None:
         ink_on(img, cover, INKS[str(rng.choice(["black", "blue", "pencil"]))], 0.9)
     else:
-        # Ink only `ink_delta` grey levels darker than the paper at full coverage.
-        level = float(img.mean())
+        # Ink only `ink_delta` grey levels darker than the paper at full coverage, as
+        # the camera sees it (after the exposure).
+        level = float(img.mean()) * exposure
         delta = rng.uniform(*ink_delta)
         color = tuple(int(max(0, c * (1 - delta / level))) for c in img.mean((0, 1)))
         ink_on(img, cover, color, 1.0)  # type: ignore[arg-type]
+    img *= exposure
     return lighting(img, rng, 1.0)
 
 
@@ -547,9 +562,8 @@ def _hard_photo(d28: U8, rng: Rng, *, faint: bool, pencil: bool, low: bool) -> b
         cover = pressure(cover, rng)
     if pencil:
         cover = grain(cover, rng, width)
-    img = _flat_photo(cover, rng, (H, W), ink_delta=(25, 50) if low else None)
-    if rng.random() < 0.5:
-        rule_lines(img, rng, squared=rng.random() < 0.5, spacing=dsize * rng.uniform(0.25, 0.4))
+    spacing = dsize * rng.uniform(0.25, 0.4) if rng.random() < 0.5 else None
+    img = _flat_photo(cover, rng, (H, W), ink_delta=(25, 50) if low else None, line_spacing=spacing)
     img = perspective(img, rng, 0.04)
     return jpeg(camera(img, rng, rng.uniform(0.4, 1.2) * W / 1000, rng.uniform(1.5, 3.5)), 85)
 

@@ -57,6 +57,36 @@ def test_every_kind_reaches_97_percent(
     assert acc >= 0.97, f"{kind}: {acc:.1%} on {PER_KIND}"
 
 
+# Floors for the kinds issue 12 added, each a few points under the lowest of seeds 0,
+# 1 and 2 (n=200, shipped weights; benchmarks/corpus_accuracy.py --seed N --n 200), so
+# they hold on any seed and fail when a change loses a class of photos. Issue 12's aim
+# is 98% on every kind: raise each floor as the preprocessing and the model get there.
+# The continental kinds are the model's to fix (a flag on a 1 reads as 7).
+ADDED_FLOORS = {
+    "photo_faint_stroke": 0.90,
+    "photo_pencil": 0.86,
+    "photo_low_contrast": 0.70,
+    "crop_filled": 0.90,
+    "canvas_thin_big": 0.94,
+    "continental_photo": 0.75,
+    "continental_canvas": 0.72,
+}
+
+
+def test_every_added_kind_has_a_floor() -> None:
+    assert set(ADDED_FLOORS) == set(corpus.ADDED)
+
+
+@pytest.mark.parametrize("kind", sorted(ADDED_FLOORS))
+def test_harsh_kinds_stay_above_their_floor(
+    kind: str, pipe: Pipeline, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    images, labels = mnist_test
+    idx = corpus.pick(labels, PER_KIND, seed=0, kind=kind)
+    acc = _accuracy(pipe, corpus.make_kind(kind, images[idx], labels[idx], seed=0))
+    assert acc >= ADDED_FLOORS[kind], f"{kind}: {acc:.1%} on {PER_KIND}"
+
+
 @pytest.mark.parametrize("kind", ["mnist_28", "mnist_upscaled"])
 def test_mnist_test_digits_as_files_reach_98_8_percent(
     kind: str, pipe: Pipeline, mnist_test: tuple[np.ndarray, np.ndarray]
