@@ -23,7 +23,7 @@ import numpy.typing as npt
 from digitwatch.errors import WeightsError
 
 FORMAT_VERSION = 1
-PREPROCESSING_VERSION = 2  # 2: to_mnist ends with a deskew; the model is trained on it
+PREPROCESSING_VERSION = 3  # 2: to_mnist ends with a deskew; 3: hysteresis, 256 px work (issue 12)
 LAYER_SIZES = (784, 128, 64, 10)
 
 Floats = npt.NDArray[np.float32]
