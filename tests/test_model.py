@@ -154,3 +154,42 @@ def test_no_code_unpickles_weights_outside_the_restricted_loader() -> None:
     assert calls == [], f"torch.load outside the restricted loader: {calls}"
     assert not [p for p, t in text.items() if "weights_only=False" in t]
     assert "class _StateDictUnpickler" in text[Path("digitwatch/classify.py")]
+
+
+def test_ensemble_round_trip_averages_tempered_members(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    models = [MLP(MLPConfig(dropout=0.1)).eval() for _ in range(3)]
+    path = tmp_path / "w.pt"
+    meta = save_checkpoint(
+        models,
+        path,
+        mean=0.1307,
+        std=0.3081,
+        training={"seed": 0},
+        test_accuracy=None,
+        temperature=1.5,
+    )
+    assert meta["architecture"]["members"] == 3
+    assert meta["calibration"] == {"temperature": 1.5}
+    weights = load_weights(path)
+    assert weights.model_id.startswith("mlp-784-128-64-10x3@")
+    x = torch.randn(4, 784)
+    with torch.no_grad():
+        expected = torch.stack([torch.softmax(m(x) / 1.5, dim=1) for m in models]).mean(0)
+    got = Classifier(weights).probabilities(x.numpy())
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+    assert torch.load(path, weights_only=True).keys() == {
+        f"m{m}.fc{i}.{p}" for m in range(3) for i in (1, 2, 3) for p in ("weight", "bias")
+    }
+    assert torch.equal(load_torch_model(path).fc2.bias, models[0].fc2.bias)
+
+
+def test_ensemble_with_a_member_missing_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    save_checkpoint([MLP(), MLP()], path, mean=0.1307, std=0.3081, training={}, test_accuracy=None)
+    meta_file = metadata_path(path)
+    meta = json.loads(meta_file.read_text())
+    meta["architecture"]["members"] = 3
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match=r"w\.pt: tensor shapes .* do not match 3 of"):
+        load_weights(path)
