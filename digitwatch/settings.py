@@ -50,7 +50,7 @@ class Settings:
     on_success: OnSuccess = "keep"
     max_pixels: int = 40_000_000
     max_file_mb: float = 50.0
-    uncertain_below: float = 0.8
+    uncertain_below: float = 0.9
     log_format: LogFormat = "auto"
     log_level: str = "info"
 
