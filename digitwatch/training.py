@@ -218,6 +218,8 @@ def _continental_epoch(
     Strokes are added to the raw digits and the result deskewed, as the pipeline would
     deskew a real continental 1 (its flag tilts the moments).
     """
+    if cfg.continental_1 <= 0 and cfg.crossed_7 <= 0:
+        return deskewed  # and no random draw, so recipes without them train as they did
     out = deskewed.clone()
     pick = torch.rand(len(labels), generator=gen)
     makers: list[tuple[int, float, Callable[[torch.Tensor, torch.Generator], torch.Tensor]]] = [

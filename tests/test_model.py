@@ -238,6 +238,36 @@ def test_continental_epoch_changes_only_the_chosen_digits_and_keeps_their_labels
     assert (out != raw).flatten(1).any(1).tolist() == [False, False, False, True]
 
 
+def test_without_continental_shares_the_epoch_draws_nothing() -> None:
+    """Recipes without the synthesis consume no random numbers: they train as before."""
+    raw = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(5)
+    cfg = TrainConfig(continental_1=0.0, crossed_7=0.0)
+    out = _continental_epoch(raw, raw, torch.tensor([1, 7, 3]), cfg, gen)
+    assert out is raw
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(5).get_state())
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped weights predate the continental synthesis (77.7% of these 1s read 1);"
+    " retrain with train/recipe.toml's planned values, then drop this mark",
+)
+def test_shipped_weights_read_continental_ones_and_crossed_sevens(
+    mnist_dir: Path, weights_path: Path
+) -> None:
+    """MNIST's own test 1s with a flag, and 7s with a crossbar, as the pipeline hands them."""
+    images, labels = load_mnist(mnist_dir, train=False, download=False)
+    gen = torch.Generator().manual_seed(12)  # not a training seed; these are test digits
+    classifier = Classifier(load_weights(weights_path))
+    for digit, make in ((1, continental_ones), (7, crossed_sevens)):
+        x = make(torch.from_numpy(images[labels == digit]).float() / 255, gen)
+        u8 = deskew_all((x * 255).round().to(torch.uint8).numpy())
+        read = classifier.probabilities(classifier.normalize(u8)).argmax(1)
+        assert (read == digit).mean() >= 0.98, f"{digit}: {(read == digit).mean():.1%}"
+
+
 CALIBRATION_PER_KIND = 60  # 1,620 files, ~15 s on one idle core
 
 
