@@ -84,7 +84,7 @@ def main() -> None:
         items = [Input(f"{i}.png", encode_png(img)) for i, img in enumerate(images)]
         mnist_all = answers(items, labels, a.weights)
 
-    print(f"weights: {a.weights}; {len(kinds)} corpus kinds x {a.n} (seed {a.seed})")
+    print(f"weights: {a.weights}; {len(jobs)} corpus kinds x {a.n} (seed {a.seed})")
     print(
         f"corpus: {int(right.sum())}/{len(right)} right; "
         + (f"MNIST test as PNG: {mnist_all[1].mean():.2%} right" if mnist_all else "")
