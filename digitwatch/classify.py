@@ -33,12 +33,14 @@ def metadata_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
-def _expected_shapes(sizes: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(sizes: tuple[int, ...], members: int = 1) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for i, (d_in, d_out) in enumerate(zip(sizes, sizes[1:], strict=False), start=1):
         shapes[f"fc{i}.weight"] = (d_out, d_in)
         shapes[f"fc{i}.bias"] = (d_out,)
-    return shapes
+    if members == 1:
+        return shapes
+    return {f"m{m}.{k}": v for m in range(members) for k, v in shapes.items()}
 
 
 _DTYPES: dict[str, type[np.generic]] = {
@@ -127,10 +129,27 @@ class Weights:
         return float(self.meta["normalization"]["std"])
 
     @property
+    def temperature(self) -> float:
+        """Logits are divided by this before the softmax; weights without one mean 1."""
+        return float(self.meta.get("calibration", {}).get("temperature", 1.0))
+
+    @property
+    def members(self) -> list[dict[str, npt.NDArray[np.float32]]]:
+        """Each ensemble member's parameters under the plain `fc1.weight`... keys."""
+        n = int(self.meta["architecture"].get("members", 1))
+        if n == 1:
+            return [self.params]
+        return [
+            {k.split(".", 1)[1]: v for k, v in self.params.items() if k.startswith(f"m{m}.")}
+            for m in range(n)
+        ]
+
+    @property
     def model_id(self) -> str:
         """Architecture and weights hash, as results name the model."""
         layers = "-".join(str(n) for n in self.meta["architecture"]["layers"])
-        return f"mlp-{layers}@{self.sha256[:12]}"
+        n = int(self.meta["architecture"].get("members", 1))
+        return f"mlp-{layers}{f'x{n}' if n > 1 else ''}@{self.sha256[:12]}"
 
 
 def load_weights(path: Path) -> Weights:
@@ -148,12 +167,18 @@ def load_weights(path: Path) -> Weights:
         raise WeightsError(f"{meta_file}: metadata is not valid JSON ({e.msg})") from None
     try:
         sizes = tuple(int(n) for n in meta["architecture"]["layers"])
+        members = int(meta["architecture"].get("members", 1))
+        temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
         expected_hash = str(meta["sha256"])
         float(meta["normalization"]["mean"]), float(meta["normalization"]["std"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise WeightsError(
             f"{meta_file}: metadata lacks architecture, sha256 or normalization"
         ) from None
+    if not 1 <= members <= 16 or not 0.05 <= temperature <= 20:
+        raise WeightsError(
+            f"{meta_file}: {members} ensemble members or temperature {temperature} out of range"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise WeightsError(f"{meta_file}: unsupported format_version {meta.get('format_version')}")
     if meta.get("preprocessing_version") != PREPROCESSING_VERSION:
@@ -172,10 +197,10 @@ def load_weights(path: Path) -> Weights:
         state = _read_state_dict(data)
     except (pickle.UnpicklingError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as e:
         raise WeightsError(f"{path}: not a plain state dict of tensors ({e})") from None
-    expected = _expected_shapes(sizes)
+    expected = _expected_shapes(sizes, members)
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:
-        raise WeightsError(f"{path}: tensor shapes {got} do not match the {sizes} MLP")
+        raise WeightsError(f"{path}: tensor shapes {got} do not match {members} of the {sizes} MLP")
     params = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
     return Weights(path=path, meta=meta, params=params)
 
@@ -215,23 +240,44 @@ def single_threaded_blas() -> bool:
 
 
 class Classifier:
-    """The MLP forward pass in numpy: batches of normalized 784-vectors to probabilities."""
+    """The MLPs' forward pass in numpy: batches of normalized 784-vectors to probabilities.
+
+    An ensemble answers with the mean of its members' softmax over tempered logits:
+    members agree on the digits MNIST taught them and disagree on the others, which is
+    what makes a low confidence mean "look at this one".
+    """
 
     def __init__(self, weights: Weights) -> None:
         self.weights = weights
+        self.temperature = weights.temperature
         single_threaded_blas()
-        p = weights.params
-        # Transposed once so each layer is one (B, d_in) @ (d_in, d_out) product.
-        self._layers = [(p[f"fc{i}.weight"].T.copy(), p[f"fc{i}.bias"]) for i in (1, 2, 3)]
+        # Stacked once: (M, d_in, d_out) and (M, 1, d_out), so each layer of every member
+        # is one batched product.
+        self._layers = [
+            (
+                np.stack([p[f"fc{i}.weight"].T for p in weights.members]),
+                np.stack([p[f"fc{i}.bias"][None, :] for p in weights.members]),
+            )
+            for i in (1, 2, 3)
+        ]
+
+    def logits(self, x: Floats) -> Floats:
+        """(B, 784) normalized float32 -> (M, B, 10) logits of each member."""
+        h = x[None]  # (1, B, 784), broadcast over the members
+        for i, (w, b) in enumerate(self._layers):
+            h = h @ w + b  # (M, B, d_out)
+            if i < len(self._layers) - 1:
+                np.maximum(h, 0, out=h)
+        return np.asarray(h, dtype=np.float32)
 
     def probabilities(self, x: Floats) -> Floats:
         """(B, 784) normalized float32 -> (B, 10) probabilities."""
-        h = x
-        for i, (w, b) in enumerate(self._layers):
-            h = h @ w + b
-            if i < len(self._layers) - 1:
-                np.maximum(h, 0, out=h)
-        return softmax(np.asarray(h, dtype=np.float32))
+        logits = self.logits(x)
+        if self.temperature != 1.0:
+            logits /= self.temperature
+        m, b, _ = logits.shape
+        probs = softmax(logits.reshape(m * b, -1)).reshape(m, b, -1)
+        return np.asarray(probs.mean(axis=0), dtype=np.float32)
 
     def normalize(self, images: npt.NDArray[np.uint8]) -> Floats:
         """(B, 28, 28) uint8 with bright ink -> (B, 784) float32 with the training mean/std."""

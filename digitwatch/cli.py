@@ -164,6 +164,9 @@ def evaluate(
             help="Also score the test digits as PNG files through decode+preprocess.",
         ),
     ] = False,
+    uncertain_below: Annotated[
+        float | None, typer.Option(help="Confidence under this counts as flagged uncertain.")
+    ] = None,
     data_dir: DataDirOpt = None,
     download: DownloadOpt = None,
     config: ConfigOpt = None,
@@ -173,21 +176,38 @@ def evaluate(
     from digitwatch.evaluate import evaluate as run_evaluation
 
     def body() -> None:
-        s = _settings(config, weights=weights, data_dir=data_dir, download=download)
+        s = _settings(
+            config,
+            weights=weights,
+            data_dir=data_dir,
+            download=download,
+            uncertain_below=uncertain_below,
+        )
         ev = run_evaluation(
             s.weights,
             s.data_dir,
             download=s.download,
             through_pipeline=pipeline,
             sheet_path=sheet,
+            uncertain_below=s.uncertain_below,
         )
         if as_json:
             typer.echo(json.dumps(ev.to_dict()))
             return
         typer.echo(f"weights   {ev.weights}\nmodel     {ev.model}")
         typer.echo(f"accuracy  {ev.accuracy:.4f}  ({ev.errors} of 10000 wrong)")
+        flags = "uncertain (confidence < {:g}): {:.1%} of wrong answers, {:.2%} of right ones"
+        typer.echo(
+            "          " + flags.format(ev.uncertain_below, ev.wrong_flagged, ev.right_flagged)
+        )
         if ev.pipeline_accuracy is not None:
             typer.echo(f"pipeline  {ev.pipeline_accuracy:.4f}  (test digits as PNG files)")
+            typer.echo(
+                "          "
+                + flags.format(
+                    ev.uncertain_below, ev.pipeline_wrong_flagged, ev.pipeline_right_flagged
+                )
+            )
         typer.echo("\nper class  " + "  ".join(f"{c}:{a:.3f}" for c, a in enumerate(ev.per_class)))
         typer.echo("\nconfusion (rows: true, columns: predicted)")
         typer.echo("      " + "".join(f"{c:>6}" for c in range(10)))

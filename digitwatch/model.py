@@ -71,21 +71,33 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(
-    model: MLP,
+    models: MLP | list[MLP],
     path: Path,
     *,
     mean: float,
     std: float,
     training: dict[str, Any],
     test_accuracy: float | None,
+    temperature: float = 1.0,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the state dict and its JSON metadata atomically; return the metadata."""
+    """Write the state dict and its JSON metadata atomically; return the metadata.
+
+    One model keeps the plain `fc1.weight`... keys; an ensemble prefixes each member's
+    keys with `m0.`, `m1.`, ... in one file, so one hash covers them all.
+    """
     import io
 
+    members = models if isinstance(models, list) else [models]
+    model = members[0]
+    state = {
+        (f"m{i}.{k}" if len(members) > 1 else k): v.detach().cpu().clone()
+        for i, m in enumerate(members)
+        for k, v in m.state_dict().items()
+    }
     buf = io.BytesIO()
     # A plain dict of tensors: loadable by torch.load(weights_only=True) and by classify.py.
-    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, buf)
+    torch.save(state, buf)
     data = buf.getvalue()
     _atomic_write(path, data)
     meta: dict[str, Any] = {
@@ -97,7 +109,10 @@ def save_checkpoint(
             "layers": list(model.config.sizes),
             "activation": "relu",
             "dropout": model.config.dropout,
+            "members": len(members),
         },
+        # Logits are divided by this before the softmax (fit on the validation split).
+        "calibration": {"temperature": temperature},
         "input_size": [28, 28],
         "normalization": {"mean": mean, "std": std},
         "preprocessing_version": PREPROCESSING_VERSION,
@@ -113,12 +128,20 @@ def save_checkpoint(
     return meta
 
 
-def load_torch_model(path: Path) -> MLP:
-    """Load checked weights into the torch MLP (evaluation mode)."""
+def load_torch_models(path: Path) -> list[MLP]:
+    """Load checked weights into torch MLPs, one per ensemble member (evaluation mode)."""
     from digitwatch.classify import load_weights
 
     weights = load_weights(path)
-    model = MLP(MLPConfig(dropout=float(weights.meta["architecture"].get("dropout", 0.0))))
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.params.items()})
-    model.eval()
-    return model
+    dropout = float(weights.meta["architecture"].get("dropout", 0.0))
+    models = []
+    for params in weights.members:
+        model = MLP(MLPConfig(dropout=dropout))
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in params.items()})
+        models.append(model.eval())
+    return models
+
+
+def load_torch_model(path: Path) -> MLP:
+    """The first member as a torch MLP: what a single-model baseline runs."""
+    return load_torch_models(path)[0]

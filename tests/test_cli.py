@@ -101,11 +101,17 @@ def test_evaluate_json(mnist_dir: Path, weights_path: Path, tmp_path: Path) -> N
             "--no-download",
             "--sheet",
             str(sheet),
+            "--uncertain-below",
+            "0.9",
         ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["accuracy"] >= 0.99
+    # the flagged shares of wrong and right answers, at the threshold asked for
+    assert report["uncertain_below"] == 0.9
+    assert 0.3 < report["wrong_flagged"] <= 1.0
+    assert 0.0 < report["right_flagged"] < 0.05
     assert len(report["per_class"]) == 10
     assert sum(map(sum, report["confusion"])) == 10000
     assert report["errors"] == 10000 - sum(report["confusion"][c][c] for c in range(10))

@@ -1,4 +1,4 @@
-"""Weights that describe themselves: round trip, and refusal of anything else."""
+"""Weights that describe themselves, the continental synthesis, and honest confidence."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import corpus
 import numpy as np
 import pytest
 import torch
 
 from digitwatch.classify import Classifier, load_weights, metadata_path
+from digitwatch.codec import Limits
 from digitwatch.errors import WeightsError
+from digitwatch.evaluate import flagged_shares
+from digitwatch.mnist import load_mnist
 from digitwatch.model import MLP, MLPConfig, load_torch_model, save_checkpoint
+from digitwatch.pipeline import Input, Pipeline
+from digitwatch.preprocess import deskew_all
+from digitwatch.settings import Settings
+from digitwatch.training import TrainConfig, _continental_epoch, continental_ones, crossed_sevens
 
 
 def _save(path: Path, model: MLP | None = None) -> MLP:
@@ -154,3 +162,137 @@ def test_no_code_unpickles_weights_outside_the_restricted_loader() -> None:
     assert calls == [], f"torch.load outside the restricted loader: {calls}"
     assert not [p for p, t in text.items() if "weights_only=False" in t]
     assert "class _StateDictUnpickler" in text[Path("digitwatch/classify.py")]
+
+
+def test_ensemble_round_trip_averages_tempered_members(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    models = [MLP(MLPConfig(dropout=0.1)).eval() for _ in range(3)]
+    path = tmp_path / "w.pt"
+    meta = save_checkpoint(
+        models,
+        path,
+        mean=0.1307,
+        std=0.3081,
+        training={"seed": 0},
+        test_accuracy=None,
+        temperature=1.5,
+    )
+    assert meta["architecture"]["members"] == 3
+    assert meta["calibration"] == {"temperature": 1.5}
+    weights = load_weights(path)
+    assert weights.model_id.startswith("mlp-784-128-64-10x3@")
+    x = torch.randn(4, 784)
+    with torch.no_grad():
+        expected = torch.stack([torch.softmax(m(x) / 1.5, dim=1) for m in models]).mean(0)
+    got = Classifier(weights).probabilities(x.numpy())
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+    assert torch.load(path, weights_only=True).keys() == {
+        f"m{m}.fc{i}.{p}" for m in range(3) for i in (1, 2, 3) for p in ("weight", "bias")
+    }
+    assert torch.equal(load_torch_model(path).fc2.bias, models[0].fc2.bias)
+
+
+def test_ensemble_with_a_member_missing_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    save_checkpoint([MLP(), MLP()], path, mean=0.1307, std=0.3081, training={}, test_accuracy=None)
+    meta_file = metadata_path(path)
+    meta = json.loads(meta_file.read_text())
+    meta["architecture"]["members"] = 3
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match=r"w\.pt: tensor shapes .* do not match 3 of"):
+        load_weights(path)
+
+
+def _stem() -> torch.Tensor:
+    """Two 1s as plain vertical stems, 2 px wide, rows 4-23."""
+    x = torch.zeros(2, 28, 28)
+    x[:, 4:24, 13:15] = 1.0
+    return x
+
+
+def test_continental_ones_get_a_flag_down_to_the_left_of_the_stem() -> None:
+    x = _stem()
+    out = continental_ones(x, torch.Generator().manual_seed(0), foot_p=0.0)
+    added = (out - x).clamp_min(0)
+    assert torch.all(out >= x)  # strokes are only added
+    for img in added:
+        ys, xs = torch.nonzero(img > 0.5, as_tuple=True)
+        assert len(ys) >= 3, "no flag drawn"
+        assert int(xs.min()) < 12 and int(xs.max()) <= 15  # to the left of the stem
+        assert int(ys.min()) >= 3 and int(ys.max()) < 14  # from the top, in the upper half
+    footed = continental_ones(x, torch.Generator().manual_seed(0), foot_p=1.0)
+    assert torch.all(footed[:, 23, 9:19] > 0.5)  # a foot across the bottom of the stem
+
+
+def test_continental_epoch_changes_only_the_chosen_digits_and_keeps_their_labels() -> None:
+    raw = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    raw[:, 0, 4:24, 13:15] = 255
+    labels = torch.tensor([1, 1, 4, 7])
+    cfg = TrainConfig(continental_1=1.0, crossed_7=0.0)
+    out = _continental_epoch(raw, raw.clone(), labels, cfg, torch.Generator().manual_seed(0))
+    changed = (out != raw).flatten(1).any(1).tolist()
+    assert changed == [True, True, False, False]  # every 1, nothing else
+    assert out.dtype == torch.uint8 and out.shape == raw.shape
+    cfg = TrainConfig(continental_1=0.0, crossed_7=1.0)
+    out = _continental_epoch(raw, raw.clone(), labels, cfg, torch.Generator().manual_seed(0))
+    assert (out != raw).flatten(1).any(1).tolist() == [False, False, False, True]
+
+
+def test_without_continental_shares_the_epoch_draws_nothing() -> None:
+    """Recipes without the synthesis consume no random numbers: they train as before."""
+    raw = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(5)
+    cfg = TrainConfig(continental_1=0.0, crossed_7=0.0)
+    out = _continental_epoch(raw, raw, torch.tensor([1, 7, 3]), cfg, gen)
+    assert out is raw
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(5).get_state())
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped weights predate the continental synthesis (77.7% of these 1s read 1);"
+    " retrain with train/recipe.toml's planned values, then drop this mark",
+)
+def test_shipped_weights_read_continental_ones_and_crossed_sevens(
+    mnist_dir: Path, weights_path: Path
+) -> None:
+    """MNIST's own test 1s with a flag, and 7s with a crossbar, as the pipeline hands them."""
+    images, labels = load_mnist(mnist_dir, train=False, download=False)
+    gen = torch.Generator().manual_seed(12)  # not a training seed; these are test digits
+    classifier = Classifier(load_weights(weights_path))
+    for digit, make in ((1, continental_ones), (7, crossed_sevens)):
+        x = make(torch.from_numpy(images[labels == digit]).float() / 255, gen)
+        u8 = deskew_all((x * 255).round().to(torch.uint8).numpy())
+        read = classifier.probabilities(classifier.normalize(u8)).argmax(1)
+        assert (read == digit).mean() >= 0.98, f"{digit}: {(read == digit).mean():.1%}"
+
+
+CALIBRATION_PER_KIND = 60  # 1,620 files, ~15 s on one idle core
+
+
+@pytest.mark.slow
+def test_uncertain_flags_most_wrong_answers_and_few_right_ones(
+    mnist_dir: Path, weights_path: Path
+) -> None:
+    """Issue 12's bounds at the default threshold, on corpus seed 0 (it was chosen on seed 1).
+
+    Fails as well when `uncertain` is always false (no wrong answer flagged) as when it
+    is always true (every right answer flagged).
+    """
+    images, labels = load_mnist(mnist_dir, train=False, download=False)
+    samples = []
+    for kind in corpus.kinds():
+        if kind.startswith("mnist_"):
+            continue
+        idx = corpus.pick(labels, CALIBRATION_PER_KIND, 0, kind)
+        samples += corpus.make_kind(kind, images[idx], labels[idx], seed=0)
+    below = Settings().uncertain_below
+    with Pipeline(load_weights(weights_path), limits=Limits(), uncertain_below=below) as pipe:
+        records = [r.record for r in pipe.run([Input(s.name, s.data) for s in samples])]
+    right = np.array([r.digit == s.label for r, s in zip(records, samples, strict=True)])
+    flagged = np.array([r.uncertain for r in records])
+    wrong_flagged, right_flagged = flagged_shares(right, flagged)
+    assert (~right).sum() >= 30, "too few wrong answers to measure"
+    assert wrong_flagged >= 0.70, f"{wrong_flagged:.1%} of {(~right).sum()} wrong answers flagged"
+    assert right_flagged <= 0.05, f"{right_flagged:.2%} of {right.sum()} right answers flagged"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from digitwatch.classify import metadata_path
 from digitwatch.evaluate import evaluate
+from digitwatch.settings import Settings
 from digitwatch.training import load_recipe, train_and_save
 
 HERE = Path(__file__).resolve().parent
@@ -38,12 +39,14 @@ def main() -> None:
     args = ap.parse_args()
 
     meta = json.loads(metadata_path(WEIGHTS).read_text())
+    uncertain_below = Settings().uncertain_below
     ev = evaluate(
         WEIGHTS,
         args.data_dir,
         download=False,
         through_pipeline=True,
         sheet_path=HERE / "errors.png",
+        uncertain_below=uncertain_below,
     )
     reruns = []
     for seed in args.seeds:
@@ -53,6 +56,16 @@ def main() -> None:
         reruns.append((seed, m["mnist_test_accuracy"], result.seconds))
 
     t = meta["training"]
+    members = int(meta["architecture"].get("members", 1))
+    temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
+    ensemble = (
+        f"An ensemble of {members} such MLPs, seeds {t['seed']} to {t['seed'] + members - 1} "
+        "(one validation split for all); the answer is the mean of their softmax over "
+        f"logits divided by a temperature of {temperature:g}, fit on the validation split "
+        "by negative log-likelihood."
+        if members > 1
+        else f"Logits are divided by a temperature of {temperature:g} fit on the validation split."
+    )
     lines = [
         "# Training report: weights/mnist-mlp.pt",
         "",
@@ -74,6 +87,11 @@ def main() -> None:
         f"±{t['scale']:.0%}, shear ±{t['shear']}, shift ±{t['shift']:.0%}, and a smooth "
         f"elastic displacement of strength {t.get('elastic_alpha', 0)}. Every image is first "
         "deskewed by `digitwatch.preprocess.deskew`, the pipeline's last step. "
+        f"Each epoch {t.get('continental_1', 0):.0%} of the training 1s get a continental "
+        "flag (30% of those a foot too) and "
+        f"{t.get('crossed_7', 0):.0%} of the 7s a crossbar, drawn with the digit's own pen "
+        "width and deskewed after (`digitwatch.training.continental_ones`). "
+        f"{ensemble} "
         f"{t['val_size']} training images are held out for validation; the test set chooses "
         "nothing, and the score below is the final epoch's model.",
         "",
@@ -84,10 +102,15 @@ def main() -> None:
         f"| MNIST test accuracy (10,000 images) | **{ev.accuracy:.2%}** ({ev.errors} wrong) |",
         f"| the same digits as PNG files through decode + preprocess | "
         f"{ev.pipeline_accuracy:.2%} |",
+        f"| flagged `uncertain` at the default `--uncertain-below {uncertain_below:g}`, "
+        f"MNIST test | {ev.wrong_flagged:.1%} of the wrong answers, {ev.right_flagged:.2%} "
+        "of the right ones |",
+        f"| the same through the pipeline | {ev.pipeline_wrong_flagged or 0:.1%} of the wrong "
+        f"answers, {ev.pipeline_right_flagged or 0:.2%} of the right ones |",
         f"| final validation accuracy | {t['final_val_accuracy']:.2%} |",
         f"| training time | {t['seconds']:.0f} s with {t['torch_threads']} torch threads "
-        "(the whole `digitwatch train` command took 96 s wall time on an idle machine, "
-        "2026-11-25; a rerun reproduces these weights bit for bit) |",
+        "on a machine shared with other jobs (a rerun with the same thread count "
+        "reproduces these weights bit for bit) |",
         f"| machine | {_cpu()}, torch {meta['torch_version']} |",
         f"| weights sha256 | `{meta['sha256'][:16]}…` |",
         "",
@@ -111,7 +134,8 @@ def main() -> None:
         lines += [f"| {s} | {a:.2%} | {sec:.0f} |" for s, a, sec in reruns]
         lines.append("")
     lines += [
-        "How the recipe was chosen, and the seed spread: [EXPERIMENTS.md](EXPERIMENTS.md).",
+        "How the recipe was chosen, and the seed spread: [EXPERIMENTS.md](EXPERIMENTS.md). "
+        "How `--uncertain-below` was chosen: [docs/calibration.md](../docs/calibration.md).",
         "",
         "## Misclassified test digits",
         "",
