@@ -90,6 +90,11 @@ def train(
         int | None, typer.Option(help="Train on only the first N images (quick checks).")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores).")] = None,
+    extra_labels: Annotated[
+        Path | None,
+        typer.Option(help="A review queue's labels.csv: its corrected images join the training."),
+    ] = None,
+    weights: WeightsOpt = None,
     data_dir: DataDirOpt = None,
     download: DownloadOpt = None,
     config: ConfigOpt = None,
@@ -101,7 +106,18 @@ def train(
     from digitwatch.training import EpochReport, load_recipe, train_and_save
 
     def body() -> None:
-        s = _settings(config, data_dir=data_dir, download=download)
+        s = _settings(config, data_dir=data_dir, download=download, weights=weights)
+        extra = None
+        if extra_labels is not None:
+            from digitwatch import corrections
+            from digitwatch.classify import load_weights
+
+            extra = corrections.load(extra_labels, s.weights)
+            left = ", ".join(f"{n} {why}" for why, n in extra.left_out.items()) or "none"
+            typer.echo(
+                f"{len(extra.labels)} corrected images from {extra_labels} (left out: {left})"
+            )
+            before = load_weights(s.weights).meta.get("mnist_test_accuracy")
         overrides = {
             "epochs": epochs,
             "batch_size": batch_size,
@@ -140,12 +156,24 @@ def train(
                 progress.update(task[-1], loss=r.train_loss, val=f"{r.val_accuracy:.4f}")
 
             result, meta = train_and_save(
-                cfg, s.data_dir, target, download=s.download, on_batch=on_batch, on_epoch=on_epoch
+                cfg,
+                s.data_dir,
+                target,
+                download=s.download,
+                on_batch=on_batch,
+                on_epoch=on_epoch,
+                extra=extra,
             )
         typer.echo(
             f"test accuracy {meta['mnist_test_accuracy']:.4f} after {result.seconds:.0f} s; "
             f"wrote {target} and {target.with_suffix('.json').name}"
         )
+        if extra is not None:
+            shown = "unknown" if before is None else f"{before:.4f}"
+            typer.echo(
+                f"MNIST test accuracy: {shown} with {s.weights.name} before, "
+                f"{meta['mnist_test_accuracy']:.4f} now"
+            )
 
     _guard(body)
 

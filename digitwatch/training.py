@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from digitwatch.corrections import Corrections
 from digitwatch.mnist import MNIST_MEAN, MNIST_STD, load_mnist
 from digitwatch.model import MLP, MLPConfig, save_checkpoint
 from digitwatch.preprocess import deskew_all
@@ -333,6 +334,7 @@ def train(
     download: bool = True,
     on_batch: BatchCallback | None = None,
     on_epoch: EpochCallback | None = None,
+    extra: Corrections | None = None,
 ) -> TrainResult:
     """Train the ensemble; each member's last epoch is kept (no best-epoch picking)."""
     if cfg.threads:
@@ -344,10 +346,18 @@ def train(
     val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
     if cfg.train_limit is not None:
         train_idx = train_idx[: cfg.train_limit]
+    raw, images, labels = raw_np[train_idx], images_np[train_idx], labels_np[train_idx]
+    if extra is not None and len(extra.labels):
+        # People's corrections, already preprocessed (deskewed too), repeated so they make
+        # up corrections.SHARE of each epoch.
+        k = extra.repeats(len(labels))
+        raw = np.concatenate([raw, np.tile(extra.images, (k, 1, 1))])
+        images = np.concatenate([images, np.tile(extra.images, (k, 1, 1))])
+        labels = np.concatenate([labels, np.tile(extra.labels, k)])
     data = (
-        torch.from_numpy(raw_np[train_idx]).unsqueeze(1),  # (N, 1, 28, 28) uint8, not deskewed
-        torch.from_numpy(images_np[train_idx]).unsqueeze(1),
-        torch.from_numpy(labels_np[train_idx]),
+        torch.from_numpy(raw).unsqueeze(1),  # (N, 1, 28, 28) uint8, not deskewed
+        torch.from_numpy(images).unsqueeze(1),
+        torch.from_numpy(labels),
         torch.from_numpy(images_np[val_idx]).unsqueeze(1),
         torch.from_numpy(labels_np[val_idx]),
     )
@@ -385,9 +395,12 @@ def train_and_save(
     download: bool = True,
     on_batch: BatchCallback | None = None,
     on_epoch: EpochCallback | None = None,
+    extra: Corrections | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train, score the final ensemble on the test set, and write weights + metadata."""
-    result = train(cfg, data_dir, download=download, on_batch=on_batch, on_epoch=on_epoch)
+    result = train(
+        cfg, data_dir, download=download, on_batch=on_batch, on_epoch=on_epoch, extra=extra
+    )
     acc = test_accuracy(result.models, data_dir, download=download)
     training = asdict(cfg) | {
         "optimizer": "Adam",
@@ -397,6 +410,8 @@ def train_and_save(
         "final_val_accuracy": result.val_accuracy,
         "torch_threads": torch.get_num_threads(),
     }
+    if extra is not None:
+        training["extra_labels"] = {"images": len(extra.labels), "left_out": extra.left_out}
     meta = save_checkpoint(
         result.models,
         out,

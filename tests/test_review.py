@@ -6,16 +6,21 @@ import csv
 import json
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from daemon_helpers import DaemonProcess, csv_rows, digit_png, drop, results, wait_for
 from typer.testing import CliRunner
 
 from digitwatch import review
 from digitwatch.cli import app
+from digitwatch.codec import encode_png
 from digitwatch.errors import ExitCode
 from digitwatch.results import Record
+from digitwatch.settings import DEFAULT_WEIGHTS
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _record(name: str, digit: int | None, confidence: float | None, when: str) -> Record:
@@ -114,3 +119,68 @@ def test_the_daemon_queues_uncertain_and_no_digit_answers(folders: tuple[Path, P
     finally:
         d.stop()
     assert {i.record["input"] for i in review.items(outbox / "review")} == {"blank.png"}
+
+
+def _a_four_drawn_like_a_seven() -> bytes:
+    """A writer's 4 with a closed top that the shipped model reads as 7."""
+    img = np.full((200, 200), 255, np.uint8)
+    cv2.line(img, (50, 40), (150, 40), 0, 14)
+    cv2.line(img, (150, 40), (90, 170), 0, 14)
+    cv2.line(img, (60, 110), (150, 110), 0, 14)
+    return encode_png(img)
+
+
+@pytest.mark.slow
+def test_a_correction_retrains_the_model_to_read_that_image(
+    folders: tuple[Path, Path], mnist_dir: Path, tmp_path: Path
+) -> None:
+    """Misread -> queued for review -> corrected -> train --extra-labels -> read right."""
+    inbox, outbox = folders
+    data = _a_four_drawn_like_a_seven()
+    first = json.loads(_predict(tmp_path, data, DEFAULT_WEIGHTS))
+    assert first["digit"] != 4, "the shipped model must misread it for this test to mean anything"
+    d = DaemonProcess(inbox, outbox, "--uncertain-below", "1.0")
+    try:
+        d.wait_ready()
+        drop(inbox, "odd.png", data)
+        wait_for(lambda: len(review.items(outbox / "review")) == 1, 20, "queued for review")
+    finally:
+        d.stop()
+    (item,) = review.items(outbox / "review")
+    assert _cli("correct", item.id, "--digit", "4", "--outbox", str(outbox))[0] == 0
+    out = tmp_path / "w" / "corrected.pt"
+    out.parent.mkdir()
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--recipe",
+            str(REPO / "train" / "recipe.toml"),
+            "--extra-labels",
+            str(outbox / "review" / review.LABELS),
+            "--epochs",
+            "3",
+            "--limit",
+            "5000",
+            "--data-dir",
+            str(mnist_dir),
+            "--no-download",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 corrected images" in result.output and "before" in result.output
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["training"]["extra_labels"]["images"] == 1
+    assert json.loads(_predict(tmp_path, data, out))["digit"] == 4
+
+
+def _predict(tmp_path: Path, data: bytes, weights: Path) -> str:
+    path = tmp_path / "probe.png"
+    path.write_bytes(data)
+    result = runner.invoke(
+        app, ["predict", str(path), "--format", "jsonl", "--weights", str(weights)]
+    )
+    assert result.exit_code == 0, result.output
+    return str(result.output)
