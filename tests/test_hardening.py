@@ -89,7 +89,8 @@ def test_a_full_outbox_keeps_the_inputs_and_catches_up(tmp_path: Path, small_out
         assert sum(e.get("event") == "outbox_unwritable" for e in d.events()) == 1
         filler.unlink()
         wait_for(lambda: len(csv_rows(outbox)) == len(names) + 1, 20, "catching up")
-        assert d.has_event("outbox_writable")
+        # Logged just after the rows it announces are appended: wait, do not peek.
+        wait_for(lambda: d.has_event("outbox_writable"), 10, "the recovery logged")
     finally:
         assert d.stop() == 0, d.log.read_text()
     assert_exactly_once(outbox, {"first.png", *names})
