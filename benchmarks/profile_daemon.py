@@ -42,7 +42,7 @@ STAGES = [
     ("results.py", "(digitwatch/results.py)"),
     ("watchdog", "(watchdog/"),
     ("pipeline", "(digitwatch/pipeline.py)"),
-    ("watcher", "(digitwatch/watcher.py)"),
+    ("watch", "(digitwatch/watch/"),
     ("daemon", "(digitwatch/daemon.py)"),
 ]
 _LINE = re.compile(r":\d+\)$")

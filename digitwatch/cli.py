@@ -421,7 +421,7 @@ def status(
 ) -> None:
     """Show what the service is doing, read from its folders (works while it runs)."""
     from digitwatch.status import collect, render
-    from digitwatch.watcher import Ignore
+    from digitwatch.watch import Ignore
 
     def body() -> None:
         s = _settings(config, inbox=inbox, outbox=outbox, recursive=recursive)

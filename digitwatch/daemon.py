@@ -57,7 +57,7 @@ from digitwatch.pipeline import Input, Pipeline, Result
 from digitwatch.results import CSV_NAME, Record, csv_lines, input_text, write_json_atomic
 from digitwatch.sdnotify import Notifier
 from digitwatch.settings import Settings
-from digitwatch.watcher import (
+from digitwatch.watch import (
     DIRECTORY,
     OVERFLOW,
     RESERVED_FOLDERS,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from digitwatch.errors import FolderError
-from digitwatch.watcher import STATE_DIR
+from digitwatch.watch import STATE_DIR
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 
 from digitwatch import summary
 from digitwatch.errors import FolderError
-from digitwatch.watcher import STATE_DIR, Ignore, ignored_name, scan
+from digitwatch.watch import STATE_DIR, Ignore, ignored_name, scan
 
 CSV_NAME = "results.csv"
 TOP_ERRORS = 10

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from test_daemon import assert_exactly_once, state
 
 from digitwatch.results import input_text
-from digitwatch.watcher import STATE_DIR, ignored_name
+from digitwatch.watch import STATE_DIR, ignored_name
 
 pytestmark = pytest.mark.slow
 
