@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import queue
 from pathlib import Path
 
 from daemon_helpers import wait_for
 
-from digitwatch.watch import CLOSED, CREATED, MOVED, Watcher
+from digitwatch.watch import CLOSED, CREATED, DIRECTORY, MOVED, Watcher
 
 
 def test_watcher_reports_rename_in_close_and_move(tmp_path: Path) -> None:
@@ -48,3 +49,33 @@ def test_watcher_reports_rename_in_close_and_move(tmp_path: Path) -> None:
     names = {Path(p).name for p, _ in seen}
     assert names == {"r.png", "c.png", "m.png", "z.png"}  # nothing from .digitwatch or sub/
     assert all(".part" not in p for p, _ in seen)
+
+
+def test_recursive_watches_follow_new_and_renamed_folders_and_any_name(tmp_path: Path) -> None:
+    q: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+    w = Watcher(tmp_path, recursive=True, poll=0.0, sink=q.put)
+    w.start()
+    seen: list[tuple[str, str]] = []
+
+    def got(item: tuple[str, str]) -> bool:
+        while not q.empty():
+            seen.append(q.get_nowait())
+        return item in seen
+
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1: not UTF-8, kept as surrogates
+    try:
+        (tmp_path / "sub").mkdir()
+        wait_for(lambda: got((str(tmp_path / "sub"), DIRECTORY)), 5, "sub/")
+        (tmp_path / "sub" / "a.png").write_bytes(b"x")
+        wait_for(lambda: got((str(tmp_path / "sub" / "a.png"), CLOSED)), 5, "sub/a.png")
+        # Renamed within the tree, the folder keeps its watch, now under its new name.
+        (tmp_path / "sub").rename(tmp_path / "moved")
+        wait_for(lambda: got((str(tmp_path / "moved"), DIRECTORY)), 5, "moved/")
+        (tmp_path / "moved" / "b.png").write_bytes(b"x")
+        wait_for(lambda: got((str(tmp_path / "moved" / "b.png"), CLOSED)), 5, "moved/b.png")
+        (tmp_path / "moved" / odd).write_bytes(b"x")
+        wait_for(lambda: got((str(tmp_path / "moved" / odd), CLOSED)), 5, "a non-UTF-8 name")
+        assert w.alive()
+    finally:
+        w.stop()
+    assert not w.alive()

@@ -1,105 +1,111 @@
-"""The event source on Linux: one thread reading the kernel's inotify events for the inbox.
+"""The event source on Linux: watchdog's low-level inotify thread, for the inbox only.
 
-We read the kernel's events ourselves instead of through watchdog's observer: watchdog
-passes each event through three threads and two queues and pairs every IN_MOVED_FROM
-with its IN_MOVED_TO by a linear search of a delay queue, ~400 us of CPU per file in a
-5,000-file burst (benchmarks/profile_daemon.py), more than everything else the daemon
-does. This reader asks the kernel only for what decides completeness, only for the inbox
-(not `.digitwatch/`), and never holds an event back, so a claim (a rename out of the
-watched folders) costs one event and no delay.
+`InotifyFD` reads the kernel's events and hands each to a callback on its own thread;
+we use it directly rather than watchdog's observer, which passes each event through two
+more threads and queues and holds every IN_MOVED_FROM back for 0.5 s to pair it (about
+400 us of CPU per file in a 5,000-file burst, benchmarks/profile_daemon.py). The callback
+asks only for what decides completeness, only for the inbox (not `.digitwatch/`), and
+never holds an event back, so a claim (a rename out of the watched folders) costs one
+event and no delay.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
-import select
-import struct
-import threading
 from pathlib import Path
-from typing import Any
+
+from watchdog.observers.inotify_c import (
+    CallbackId,
+    InotifyConstants,
+    InotifyEvent,
+    InotifyFD,
+    Mask,
+    WatchDescriptor,
+)
 
 from digitwatch.errors import WatchLimit
 from digitwatch.watch.filters import Ignore, reserved_folder
 from digitwatch.watch.hints import CLOSED, CREATED, DIRECTORY, MOVED, OVERFLOW, Sink
 
-# inotify(7) constants (linux/inotify.h).
-_IN_CLOSE_WRITE = 0x8
-_IN_MOVED_FROM = 0x40
-_IN_MOVED_TO = 0x80
-_IN_CREATE = 0x100
-_IN_Q_OVERFLOW = 0x4000
-_IN_IGNORED = 0x8000
-_IN_ONLYDIR = 0x01000000
-_IN_DONT_FOLLOW = 0x02000000
-_IN_EXCL_UNLINK = 0x04000000
-_IN_ISDIR = 0x40000000
-_IN_CLOEXEC = os.O_CLOEXEC
+_C = InotifyConstants
 # IN_MOVED_FROM only to tell a rename inside the inbox (x.part -> x: MOVED, complete)
 # from a rename in from elsewhere (CREATED: the lease probe decides).
-_MASK = (
-    _IN_CLOSE_WRITE
-    | _IN_MOVED_FROM
-    | _IN_MOVED_TO
-    | _IN_CREATE
-    | _IN_ONLYDIR
-    | _IN_DONT_FOLLOW
-    | _IN_EXCL_UNLINK
+_MASK = Mask(
+    _C.IN_CLOSE_WRITE
+    | _C.IN_MOVED_FROM
+    | _C.IN_MOVED_TO
+    | _C.IN_CREATE
+    | _C.IN_ONLYDIR
+    | _C.IN_DONT_FOLLOW
+    | _C.IN_EXCL_UNLINK
 )
-_EVENT = struct.Struct("iIII")
+_ID = CallbackId(0)  # one callback per watch: this source's
 
 log = logging.getLogger(__name__)
 
 
-def _libc() -> Any:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.inotify_init1.argtypes = [ctypes.c_int]
-    libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-    return libc
-
-
-class Inotify(threading.Thread):
-    """One thread reading one inotify descriptor: each event becomes at most one sink call.
+class Inotify:
+    """Turns each inotify event into at most one sink call, on InotifyFD's thread.
 
     Watches the inbox, and in recursive mode every folder below it whose name is not
     ignored (so never `.digitwatch/`). Watches are added in `start()`, before it returns.
     """
 
     def __init__(self, root: Path, recursive: bool, sink: Sink, ignore: Ignore) -> None:
-        super().__init__(name="digitwatch-inotify", daemon=True)
         self._root = str(root)
         self._recursive = recursive
         self._ignore = ignore
         self._sink = sink
-        self._libc = _libc()
-        self._fd = -1
+        self._thread: InotifyFD | None = None
         self._dirs: dict[int, str] = {}  # watch descriptor -> folder path
+        self._inodes: dict[tuple[int, int], int] = {}  # watched folder's (dev, ino) -> wd
+        self._last_from = -1  # the cookie of the last IN_MOVED_FROM
         self._warned_full = False  # the watch limit was hit and said so (once)
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
 
     def start(self) -> None:
-        self._fd = _new_instance(self._libc)
+        try:
+            thread = InotifyFD()
+        except OSError as e:
+            raise WatchLimit(_instance_failed(e)) from None
+        thread.name = "digitwatch-inotify"
+        thread.start()  # first: an unstarted InotifyFD cannot close its descriptors
+        self._thread = thread
         try:
             self._watch_tree(self._root, strict=True)
         except BaseException:
-            os.close(self._fd)
+            self.stop()
+            self.join()
             raise
-        super().start()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _watch(self, folder: str, *, strict: bool = False) -> None:
-        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(folder), _MASK)
-        if wd < 0:
-            e = ctypes.get_errno()
+        assert self._thread is not None
+        try:
+            st = os.lstat(folder)
+            known = self._inodes.get((st.st_dev, st.st_ino))
+            if known is not None and known in self._dirs:
+                # Renamed within the tree, it keeps its watch: re-point it (adding it
+                # again would only overwrite the callback, with a warning).
+                self._dirs[known] = folder
+                return
+            wd = self._thread.add_callback(os.fsencode(folder), _MASK, self, _ID)
+        except OSError as e:
             if strict:
-                _watch_failed(folder, e)
-            if e == errno.ENOSPC and not self._warned_full:
+                raise WatchLimit(_watch_failed(folder, e.errno)) from None
+            if e.errno == errno.ENOSPC and not self._warned_full:
                 self._warned_full = True
                 log.warning(
                     "cannot watch %s: the inotify watch limit is reached (%s); files in "
@@ -108,7 +114,12 @@ class Inotify(threading.Thread):
                     _limit("max_user_watches"),
                 )
             return  # gone again, or not a folder: a rescan covers it
-        self._dirs[wd] = folder  # a folder renamed within the tree keeps its wd: re-point it
+        if wd < 0:  # InotifyFD passes EACCES over without raising
+            if strict:
+                raise WatchLimit(_watch_failed(folder, errno.EACCES))
+            return
+        self._dirs[wd] = folder
+        self._inodes[(st.st_dev, st.st_ino)] = wd
 
     def _watch_tree(self, top: str, *, strict: bool = False) -> None:
         self._watch(top, strict=strict)
@@ -128,58 +139,37 @@ class Inotify(threading.Thread):
                         self._watch(entry.path)
                         stack.append(entry.path)
 
-    def run(self) -> None:
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        try:
-            while True:
-                ready = {fd for fd, _ in poller.poll()}
-                if self._wake_r in ready:
-                    return
-                try:
-                    buf = os.read(self._fd, 65536)
-                except InterruptedError:
-                    continue
-                self._handle(buf)
-        finally:
-            os.close(self._fd)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+    # InotifyFD's callbacks (watchdog.observers.inotify_c.WatchCallback), on its thread.
 
-    def _handle(self, buf: bytes) -> None:
-        sink, dirs, last_from = self._sink, self._dirs, -1
-        unpack, i, end = _EVENT.unpack_from, 0, len(buf)
-        while i < end:
-            wd, mask, cookie, length = unpack(buf, i)
-            name = os.fsdecode(buf[i + 16 : i + 16 + length].rstrip(b"\0"))
-            i += 16 + length
-            if mask & _IN_MOVED_FROM:
-                last_from = cookie  # its IN_MOVED_TO, if inside the tree, comes next
-                continue
-            if mask & _IN_Q_OVERFLOW:
-                log.warning("inotify queue overflowed; rescanning the inbox")
-                sink((self._root, OVERFLOW))
-                continue
-            if mask & _IN_IGNORED:
-                dirs.pop(wd, None)  # a watched folder went away
-                continue
-            folder = dirs.get(wd)
-            if folder is None or self._ignore(name):
-                continue
-            path = f"{folder}/{name}"
-            if mask & _IN_ISDIR:
-                if reserved_folder(path, self._root):
-                    continue
-                if self._recursive and mask & (_IN_CREATE | _IN_MOVED_TO):
-                    self._watch_tree(path)  # before the scan, so nothing lands unseen
-                    sink((path, DIRECTORY))
-            elif mask & _IN_CLOSE_WRITE:
-                sink((path, CLOSED))
-            elif mask & _IN_MOVED_TO:
-                sink((path, MOVED if cookie == last_from else CREATED))
-            elif mask & _IN_CREATE:
-                sink((path, CREATED))
+    def on_event(self, event: InotifyEvent) -> None:
+        mask = event.mask
+        if mask & _C.IN_MOVED_FROM:
+            self._last_from = event.cookie  # its IN_MOVED_TO, if inside the tree, comes next
+            return
+        folder = self._dirs.get(event.wd)
+        name = os.fsdecode(event.name)
+        if folder is None or self._ignore(name):
+            return
+        path = f"{folder}/{name}"
+        if mask & _C.IN_ISDIR:
+            if reserved_folder(path, self._root):
+                return
+            if self._recursive and mask & (_C.IN_CREATE | _C.IN_MOVED_TO):
+                self._watch_tree(path)  # before the scan, so nothing lands unseen
+                self._sink((path, DIRECTORY))
+        elif mask & _C.IN_CLOSE_WRITE:
+            self._sink((path, CLOSED))
+        elif mask & _C.IN_MOVED_TO:
+            self._sink((path, MOVED if event.cookie == self._last_from else CREATED))
+        elif mask & _C.IN_CREATE:
+            self._sink((path, CREATED))
+
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        self._dirs.pop(wd, None)  # a watched folder went away (or we stopped)
+
+    def on_queue_overflow(self) -> None:
+        log.warning("inotify queue overflowed; rescanning the inbox")
+        self._sink((self._root, OVERFLOW))
 
 
 def _limit(name: str) -> str:
@@ -190,34 +180,27 @@ def _limit(name: str) -> str:
     return f"fs.inotify.{name} = {value}"
 
 
-def _new_instance(libc: Any) -> int:
-    fd = int(libc.inotify_init1(_IN_CLOEXEC))
-    if fd < 0:
-        e = ctypes.get_errno()
-        if e == errno.EMFILE:
-            raise WatchLimit(
-                f"cannot watch the inbox: the inotify instance limit is reached "
-                f"({_limit('max_user_instances')}); raise it, or use --poll"
-            )
-        raise WatchLimit(f"cannot watch the inbox: inotify_init1: {os.strerror(e)}")
-    return fd
+def _instance_failed(e: OSError) -> str:
+    if e.errno == errno.EMFILE:
+        return (
+            f"cannot watch the inbox: the inotify instance limit is reached "
+            f"({_limit('max_user_instances')}); raise it, or use --poll"
+        )
+    return f"cannot watch the inbox: inotify_init: {os.strerror(e.errno or 0)}"
 
 
-def _watch_failed(folder: str, e: int) -> None:
+def _watch_failed(folder: str, e: int | None) -> str:
     if e == errno.ENOSPC:
-        raise WatchLimit(
+        return (
             f"cannot watch {folder}: the inotify watch limit is reached "
             f"({_limit('max_user_watches')}); raise it, or use --poll"
         )
-    raise WatchLimit(f"cannot watch {folder}: {os.strerror(e)}")
+    return f"cannot watch {folder}: {os.strerror(e or 0)}"
 
 
 def check_watchable(root: Path) -> None:
     """Raise WatchLimit unless inotify can watch `root` now (`run --check`)."""
-    libc = _libc()
-    fd = _new_instance(libc)
-    try:
-        if libc.inotify_add_watch(fd, os.fsencode(root), _MASK) < 0:
-            _watch_failed(str(root), ctypes.get_errno())
-    finally:
-        os.close(fd)
+    source = Inotify(root, False, lambda _: None, Ignore())
+    source.start()
+    source.stop()
+    source.join()
