@@ -27,7 +27,7 @@ from watchdog.observers.inotify_c import (
 )
 
 from digitwatch.errors import WatchLimit
-from digitwatch.watch.filters import Ignore, reserved_folder
+from digitwatch.watch.filters import Ignore, ignored_name, reserved_folder
 from digitwatch.watch.hints import CLOSED, CREATED, DIRECTORY, MOVED, OVERFLOW, Sink
 
 _C = InotifyConstants
@@ -200,7 +200,7 @@ def _watch_failed(folder: str, e: int | None) -> str:
 
 def check_watchable(root: Path) -> None:
     """Raise WatchLimit unless inotify can watch `root` now (`run --check`)."""
-    source = Inotify(root, False, lambda _: None, Ignore())
+    source = Inotify(root, False, lambda _: None, ignored_name)
     source.start()
     source.stop()
     source.join()
