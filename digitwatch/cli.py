@@ -33,7 +33,7 @@ ConfigOpt = Annotated[
     ),
 ]
 WeightsOpt = Annotated[
-    Path | None, typer.Option(help="Weights file (.pt with its .json metadata beside it).")
+    Path | None, typer.Option(help="Weights file (.safetensors with its .json metadata beside it).")
 ]
 DataDirOpt = Annotated[
     Path | None,
@@ -74,7 +74,7 @@ def _require_train_extra(command: str) -> None:
 @app.command()
 def train(
     out: Annotated[
-        Path | None, typer.Option(help="Where to write the weights (.pt) and .json.")
+        Path | None, typer.Option(help="Where to write the weights (.safetensors) and .json.")
     ] = None,
     recipe: Annotated[
         Path | None, typer.Option(help="TOML recipe (train/recipe.toml); options override it.")

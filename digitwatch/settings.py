@@ -18,7 +18,7 @@ from digitwatch.errors import ConfigError
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
-def _shipped_weights(name: str = "mnist-mlp.pt") -> Path:
+def _shipped_weights(name: str = "mnist-mlp.safetensors") -> Path:
     """The shipped weights: inside the package when installed from a wheel, else the checkout's."""
     installed = PACKAGE_ROOT / "weights" / name
     return installed if installed.exists() else PACKAGE_ROOT.parent / "weights" / name
@@ -183,7 +183,7 @@ def describe() -> list[tuple[str, str, str, str]]:
     rows = []
     for name in _FIELDS:
         default = getattr(_DEFAULTS, name)
-        shown = "weights/mnist-mlp.pt (shipped)" if name == "weights" else str(default)
+        shown = "weights/mnist-mlp.safetensors (shipped)" if name == "weights" else str(default)
         if name == "data_dir":
             shown = "~/.cache/digitwatch/mnist"
         if name == "ignore":
