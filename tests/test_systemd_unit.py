@@ -167,8 +167,9 @@ def test_web_unit_listens_on_loopback_only_and_writes_only_the_review_queue() ->
     assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
     # The main unit's transient user (its name is the unit's), so both use one state folder.
     assert d["User"] == ["digitwatch"] and d["DynamicUser"] == ["yes"]
-    assert d["ProtectSystem"] == ["strict"] and d["ReadOnlyPaths"] == ["/var/lib/digitwatch"]
-    assert d["ReadWritePaths"] == ["/var/lib/digitwatch/outbox/review"]
+    assert d["ProtectSystem"] == ["strict"]
+    assert d["ReadOnlyPaths"] == ["/var/lib/private/digitwatch"]
+    assert d["ReadWritePaths"] == ["/var/lib/private/digitwatch/outbox/review"]
     for key in ("NoNewPrivileges", "MemoryDenyWriteExecute", "ProtectHome", "PrivateUsers"):
         assert d[key] == ["yes"], key
     assert d["CapabilityBoundingSet"] == [""] and "@system-service" in d["SystemCallFilter"]
