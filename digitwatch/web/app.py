@@ -63,6 +63,7 @@ log = structlog.get_logger()
 
 STATIC = Path(__file__).resolve().parent / "static"
 TOKEN_HEADER = "x-digitwatch-token"
+BODIES_AT_ONCE = 4
 # Room for the multipart boundaries and part headers around files within the size limit.
 _MULTIPART_SLACK = 64 * 1024
 _CONTENT_TYPES = {
@@ -305,11 +306,18 @@ class Service:
             registry=self.metrics.registry,
         )
         self.review_dir = settings.review_path.resolve()
+        # Requests past this many wait before their body is read: one thread answers them
+        # anyway, and each may hold --max-file-mb of body (memory: docs/serve.md).
+        self._bodies = asyncio.Semaphore(BODIES_AT_ONCE)
 
     # -- prediction ---------------------------------------------------------------
 
     async def predict(self, request: Request) -> Response:
         started = time.time()
+        async with self._bodies:
+            return await self._predict(request, started)
+
+    async def _predict(self, request: Request, started: float) -> Response:
         uploads = await _uploads(request, self.settings)
         for name, data in uploads:
             if len(data) > self.settings.max_file_bytes:
