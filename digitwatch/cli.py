@@ -569,7 +569,10 @@ def serve(
     port: Annotated[int | None, typer.Option(help="TCP port (0: any free one, logged).")] = None,
     token: Annotated[
         str | None,
-        typer.Option(help="Secret the review page sends to record decisions (else they are off)."),
+        typer.Option(
+            help="Secret the review page sends to record decisions (else they are off); "
+            "prefer DIGITWATCH_TOKEN, as other users can read a command line."
+        ),
     ] = None,
     inbox: Annotated[Path | None, typer.Option(help="The service's inbox (for status).")] = None,
     outbox: Annotated[Path | None, typer.Option(help="The service's outbox.")] = None,
