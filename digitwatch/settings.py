@@ -9,7 +9,7 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -68,6 +68,9 @@ class Settings:
     metrics_port: int = 0  # HTTP /metrics on this port; 0 = off
     log_format: LogFormat = "auto"
     log_level: str = "info"
+    host: str = "127.0.0.1"  # `serve`: loopback unless asked
+    port: int = 8080  # `serve`; 0 = any free port (the log says which)
+    token: str = field(default="", repr=False)  # `serve`: review decisions need it; "" = off
 
     @property
     def review_path(self) -> Path:
@@ -188,5 +191,7 @@ def describe() -> list[tuple[str, str, str, str]]:
             shown = "~/.cache/digitwatch/mnist"
         if name == "ignore":
             shown = "none beyond the built-in list"
+        if name == "token":
+            shown = "off"
         rows.append(("--" + name.replace("_", "-"), env_name(name), name, shown))
     return rows
