@@ -50,7 +50,7 @@ import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-WEIGHTS = REPO / "weights" / "mnist-mlp.pt"
+WEIGHTS = REPO / "weights" / "mnist-mlp.safetensors"
 
 # `--stub-preprocess`: digitwatch with to_mnist replaced by the baseline's plain resize,
 # to measure the daemon's own costs apart from preprocessing. Not a product figure.

@@ -1,9 +1,9 @@
-"""Classify stage: load checked MLP weights and run them with numpy.
+"""Classify stage: load checked weights and run them with numpy.
 
 The daemon never imports torch (about 520 MB and 1.3 s here for three small matrix
-products). The checkpoint is torch's zip format; it is read with an unpickler that
-knows only the handful of names a plain dict of float tensors needs, so a pickled
-object of any other kind is refused, as `torch.load(weights_only=True)` would.
+products). Weights are a safetensors file (a JSON header and raw little-endian arrays:
+nothing in it is executed), read with `safetensors.numpy`; the metadata JSON beside it
+says what network they are for.
 """
 
 from __future__ import annotations
@@ -11,18 +11,18 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import safetensors
+import safetensors.numpy
 
 from digitwatch.errors import WeightsError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: torch's pickled zip checkpoint; 2: safetensors
 PREPROCESSING_VERSION = 3  # 2: to_mnist ends with a deskew; 3: hysteresis, 256 px work (issue 12)
 LAYER_SIZES = (784, 128, 64, 10)
 
@@ -43,71 +43,12 @@ def _expected_shapes(sizes: tuple[int, ...], members: int = 1) -> dict[str, tupl
     return {f"m{m}.{k}": v for m in range(members) for k, v in shapes.items()}
 
 
-_DTYPES: dict[str, type[np.generic]] = {
-    "FloatStorage": np.float32,
-    "DoubleStorage": np.float64,
-    "HalfStorage": np.float16,
-}
-
-
-class _Storage:
-    def __init__(self, dtype: type[np.generic]) -> None:
-        self.dtype = dtype
-
-
-def _rebuild_tensor_v2(
-    storage: npt.NDArray[Any],
-    offset: int,
-    size: tuple[int, ...],
-    stride: tuple[int, ...],
-    *_: object,
-) -> npt.NDArray[Any]:
-    itemsize = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride)
-    )
-    return np.array(view, copy=True)
-
-
-class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles a dict of tensors into numpy arrays; refuses every other global."""
-
-    def __init__(self, archive: zipfile.ZipFile, prefix: str, file: Any) -> None:
-        super().__init__(file)
-        self._archive = archive
-        self._prefix = prefix
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor_v2
-        if (module, name) == ("collections", "OrderedDict"):
-            return dict
-        if module == "torch" and name in _DTYPES:
-            return _Storage(_DTYPES[name])
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a plain tensor")
-
-    def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise pickle.UnpicklingError("unexpected persistent id")
-        storage_type, key = pid[1], pid[2]
-        if not isinstance(storage_type, _Storage):
-            raise pickle.UnpicklingError("unsupported storage type")
-        raw = self._archive.read(f"{self._prefix}/data/{key}")
-        return np.frombuffer(raw, dtype=storage_type.dtype)
-
-
-def _read_state_dict(data: bytes) -> dict[str, npt.NDArray[Any]]:
-    import io
-
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        pkl = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-        if len(pkl) != 1:
-            raise ValueError("not a torch checkpoint (no data.pkl)")
-        prefix = pkl[0].rsplit("/", 1)[0]
-        state = _StateDictUnpickler(archive, prefix, io.BytesIO(archive.read(pkl[0]))).load()
-    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
-        raise ValueError("checkpoint is not a dict of tensors")
-    return state
+def _read_tensors(data: bytes) -> dict[str, npt.NDArray[Any]]:
+    """The arrays of a safetensors file; ValueError when it is not one."""
+    try:
+        return dict(safetensors.numpy.load(data))
+    except safetensors.SafetensorError as e:
+        raise ValueError(str(e).splitlines()[0] if str(e) else "unreadable header") from None
 
 
 @dataclass(frozen=True)
@@ -180,7 +121,11 @@ def load_weights(path: Path) -> Weights:
             f"{meta_file}: {members} ensemble members or temperature {temperature} out of range"
         )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise WeightsError(f"{meta_file}: unsupported format_version {meta.get('format_version')}")
+        hint = " (a pickled torch checkpoint: retrain, or resave as safetensors)"
+        raise WeightsError(
+            f"{meta_file}: unsupported format_version {meta.get('format_version')}"
+            f"{hint if meta.get('format_version') == 1 else ''}"
+        )
     if meta.get("preprocessing_version") != PREPROCESSING_VERSION:
         raise WeightsError(
             f"{meta_file}: trained for preprocessing version {meta.get('preprocessing_version')}"
@@ -194,9 +139,11 @@ def load_weights(path: Path) -> Weights:
             f"{path}: sha256 {actual_hash[:12]}... does not match metadata {expected_hash[:12]}..."
         )
     try:
-        state = _read_state_dict(data)
-    except (pickle.UnpicklingError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as e:
-        raise WeightsError(f"{path}: not a plain state dict of tensors ({e})") from None
+        state = _read_tensors(data)
+    except ValueError as e:
+        raise WeightsError(f"{path}: not a safetensors file ({e})") from None
+    if not all(np.issubdtype(v.dtype, np.floating) for v in state.values()):
+        raise WeightsError(f"{path}: tensors are not all floating point")
     expected = _expected_shapes(sizes, members)
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:

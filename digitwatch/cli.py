@@ -33,7 +33,7 @@ ConfigOpt = Annotated[
     ),
 ]
 WeightsOpt = Annotated[
-    Path | None, typer.Option(help="Weights file (.pt with its .json metadata beside it).")
+    Path | None, typer.Option(help="Weights file (.safetensors with its .json metadata beside it).")
 ]
 DataDirOpt = Annotated[
     Path | None,
@@ -74,7 +74,7 @@ def _require_train_extra(command: str) -> None:
 @app.command()
 def train(
     out: Annotated[
-        Path | None, typer.Option(help="Where to write the weights (.pt) and .json.")
+        Path | None, typer.Option(help="Where to write the weights (.safetensors) and .json.")
     ] = None,
     recipe: Annotated[
         Path | None, typer.Option(help="TOML recipe (train/recipe.toml); options override it.")
@@ -561,6 +561,58 @@ def retry(
         typer.echo(f"{len(done.moved)} moved back to the inbox, {len(done.taken)} left")
 
     _guard(body)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on (loopback).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (0: any free one, logged).")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Secret the review page sends to record decisions (else they are off); "
+            "prefer DIGITWATCH_TOKEN, as other users can read a command line."
+        ),
+    ] = None,
+    inbox: Annotated[Path | None, typer.Option(help="The service's inbox (for status).")] = None,
+    outbox: Annotated[Path | None, typer.Option(help="The service's outbox.")] = None,
+    review_dir: Annotated[
+        str | None, typer.Option(help="The review queue's folder (default: <outbox>/review).")
+    ] = None,
+    weights: WeightsOpt = None,
+    uncertain_below: Annotated[
+        float | None, typer.Option(help="Confidence under this sets uncertain: true.")
+    ] = None,
+    max_file_mb: Annotated[float | None, typer.Option(help="Largest request body, in MB.")] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="Largest image, in pixels.")] = None,
+    log_format: Annotated[str | None, typer.Option(help="auto, console or json.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the web page, the HTTP API and the review screen."""
+    from digitwatch.logs import configure
+    from digitwatch.web import serve as run_server
+
+    def body() -> int:
+        s = _settings(
+            config,
+            host=host,
+            port=port,
+            token=token,
+            inbox=inbox,
+            outbox=outbox,
+            review_dir=review_dir,
+            weights=weights,
+            uncertain_below=uncertain_below,
+            max_file_mb=max_file_mb,
+            max_pixels=max_pixels,
+            log_format=log_format,
+            log_level=log_level,
+        )
+        configure(s.log_format, s.log_level)
+        return run_server(s)
+
+    raise typer.Exit(_guard(body))
 
 
 def main() -> None:

@@ -197,21 +197,33 @@ def _tiff(data: bytes) -> Header:
     return Header("TIFF", tags[256], tags[257], alpha, 8)
 
 
+def image_format(data: bytes) -> str | None:
+    """The supported format the magic bytes name (before any header is read), or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data.startswith(b"BM"):
+        return "BMP"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
+_HEADERS = {"PNG": _png, "JPEG": _jpeg, "GIF": _gif, "BMP": _bmp, "WebP": _webp, "TIFF": _tiff}
+UNSUPPORTED = "not an image in a supported format (PNG, JPEG, GIF, BMP, WebP, TIFF)"
+
+
 def read_header(data: bytes) -> Header:
     """Identify the format by its magic bytes and read the size; InputError otherwise."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return _png(data)
-    if data.startswith(b"\xff\xd8\xff"):
-        return _jpeg(data)
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return _gif(data)
-    if data.startswith(b"BM"):
-        return _bmp(data)
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return _webp(data)
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return _tiff(data)
-    raise InputError("not an image in a supported format (PNG, JPEG, GIF, BMP, WebP, TIFF)")
+    fmt = image_format(data)
+    if fmt is None:
+        raise InputError(UNSUPPORTED)
+    return _HEADERS[fmt](data)
 
 
 def _to_8bit(img: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:

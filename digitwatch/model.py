@@ -1,7 +1,7 @@
 """The 784-128-64-10 ReLU MLP, and saving it with the metadata that describes it.
 
 Training and evaluation use this torch definition; the daemon runs the same weights
-through `digitwatch.classify`, which reads the checkpoint without importing torch.
+through `digitwatch.classify`, which reads the safetensors file without importing torch.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -52,10 +53,6 @@ class MLP(nn.Module):
         return logits
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -81,13 +78,11 @@ def save_checkpoint(
     temperature: float = 1.0,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the state dict and its JSON metadata atomically; return the metadata.
+    """Write the state dict (safetensors) and its JSON metadata atomically; return the metadata.
 
     One model keeps the plain `fc1.weight`... keys; an ensemble prefixes each member's
     keys with `m0.`, `m1.`, ... in one file, so one hash covers them all.
     """
-    import io
-
     members = models if isinstance(models, list) else [models]
     model = members[0]
     state = {
@@ -95,10 +90,7 @@ def save_checkpoint(
         for i, m in enumerate(members)
         for k, v in m.state_dict().items()
     }
-    buf = io.BytesIO()
-    # A plain dict of tensors: loadable by torch.load(weights_only=True) and by classify.py.
-    torch.save(state, buf)
-    data = buf.getvalue()
+    data = safetensors.torch.save(state)  # no pickle: classify.py reads it with numpy
     _atomic_write(path, data)
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

@@ -91,6 +91,11 @@ def _read(folder: Path) -> Item | None:
     return Item(folder.name, folder, record)
 
 
+def item(review_dir: Path, item_id: str) -> Item | None:
+    """The queued item `item_id` (a plain name, as `items` lists it), or None."""
+    return _read(review_dir / item_id)
+
+
 def items(review_dir: Path) -> list[Item]:
     """The queue, newest first."""
     found: list[Item] = []

@@ -9,7 +9,7 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -18,7 +18,7 @@ from digitwatch.errors import ConfigError
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
-def _shipped_weights(name: str = "mnist-mlp.pt") -> Path:
+def _shipped_weights(name: str = "mnist-mlp.safetensors") -> Path:
     """The shipped weights: inside the package when installed from a wheel, else the checkout's."""
     installed = PACKAGE_ROOT / "weights" / name
     return installed if installed.exists() else PACKAGE_ROOT.parent / "weights" / name
@@ -68,6 +68,9 @@ class Settings:
     metrics_port: int = 0  # HTTP /metrics on this port; 0 = off
     log_format: LogFormat = "auto"
     log_level: str = "info"
+    host: str = "127.0.0.1"  # `serve`: loopback unless asked
+    port: int = 8080  # `serve`; 0 = any free port (the log says which)
+    token: str = field(default="", repr=False)  # `serve`: review decisions need it; "" = off
 
     @property
     def review_path(self) -> Path:
@@ -183,10 +186,12 @@ def describe() -> list[tuple[str, str, str, str]]:
     rows = []
     for name in _FIELDS:
         default = getattr(_DEFAULTS, name)
-        shown = "weights/mnist-mlp.pt (shipped)" if name == "weights" else str(default)
+        shown = "weights/mnist-mlp.safetensors (shipped)" if name == "weights" else str(default)
         if name == "data_dir":
             shown = "~/.cache/digitwatch/mnist"
         if name == "ignore":
             shown = "none beyond the built-in list"
+        if name == "token":
+            shown = "off"
         rows.append(("--" + name.replace("_", "-"), env_name(name), name, shown))
     return rows

@@ -14,7 +14,7 @@ from digitwatch.codec import encode_png
 from digitwatch.errors import ExitCode
 
 runner = CliRunner()
-COMMANDS = ["train", "evaluate", "predict", "run", "status", "retry"]
+COMMANDS = ["train", "evaluate", "predict", "run", "status", "retry", "serve"]
 GROUPS = ["review"]
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

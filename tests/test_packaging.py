@@ -126,3 +126,43 @@ def test_train_without_torch_says_what_to_install(core_venv: Path, tmp_path: Pat
             f"digitwatch: error: {command} needs torch and torchvision: "
             "pip install 'digitwatch[train]'"
         ]
+
+
+@pytest.mark.slow
+def test_a_wheel_serves_its_page_and_api(core_venv: Path, tmp_path: Path) -> None:
+    """The page's files are package data: `serve` from the wheel answers /, its script, the API."""
+    from serve_helpers import request
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    outbox.mkdir()
+    log_path = tmp_path / "serve.log"
+    cmd = [str(core_venv / "bin" / "digitwatch"), "serve", "--port", "0", "--log-format", "json"]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*cmd, "--inbox", str(inbox), "--outbox", str(outbox)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,  # not the checkout: the page must come from the wheel
+            env=_env(),
+        )
+        try:
+
+            def url() -> str:
+                lines = [json.loads(x) for x in log_path.read_text().splitlines() if x[:1] == "{"]
+                return next((e["url"] for e in lines if e.get("event") == "serving"), "")
+
+            wait_for(lambda: bool(url()) or proc.poll() is not None, 30, "serving")
+            assert proc.poll() is None, log_path.read_text()
+            code, _, page = request(url() + "/")
+            assert code == 200 and b"/static/predict.js" in page
+            assert request(url() + "/static/predict.js")[0] == 200
+            assert request(url() + "/review")[0] == 200
+            code, _, body = request(url() + "/v1/predict", digit_png(1))
+            assert code == 200 and json.loads(body)["digit"] == 7
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)

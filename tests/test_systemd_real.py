@@ -510,3 +510,90 @@ def test_the_daemon_makes_no_system_call_the_filter_refuses(container: Container
     s = c.show("Result", "ExecMainStatus", "NRestarts")
     assert (s["Result"], s["ExecMainStatus"], s["NRestarts"]) == ("success", "0", "0"), c.journal()
     assert "status=31/SYS" not in c.journal()
+
+
+WEB_UNIT = REPO / "deploy" / "digitwatch-web.service"
+WEB_TOKEN = "container-test-token"
+
+
+def test_the_web_unit_serves_beside_the_daemon_as_its_user(container: Container) -> None:
+    """deploy/digitwatch-web.service unchanged, beside the main unit: the page, the API and a
+    review decision over loopback; one transient user for both; refused calls made fatal."""
+    c = container
+    units = c.root / "etc/systemd/system"
+    shutil.copyfile(WEB_UNIT, units / WEB_UNIT.name)
+    (c.root / "etc/digitwatch").mkdir(parents=True, exist_ok=True)
+    (c.root / "etc/digitwatch/web.env").write_text(f"DIGITWATCH_TOKEN={WEB_TOKEN}\n")
+    dropin = units / "digitwatch-web.service.d"
+    dropin.mkdir()
+    (dropin / "test-syscalls.conf").write_text(
+        "[Service]\nSystemCallErrorNumber=kill\nSystemCallFilter=mbind\n"
+    )
+    c.run("systemctl", "daemon-reload")
+    c.start()
+    c.drop({"seven.png": digit_png(1), "blank.png": digit_png(blank=True)})
+    wait_rows(c, 2)
+    wait_for(lambda: any((c.outbox / "review").glob("*/record.json")), 20, "a review item")
+    c.run("systemctl", "start", "digitwatch-web", check=False)
+
+    def web(*args: str) -> str:
+        return c.run("curl", "-sS", "--max-time", "20", *args).stdout
+
+    def journal() -> str:
+        return c.run("journalctl", "-u", "digitwatch-web", "-o", "cat", "--no-pager").stdout
+
+    try:
+        state = c.run("systemctl", "is-active", "digitwatch-web", check=False).stdout.strip()
+        assert state == "active", state  # Type=notify: `start` returned after READY=1
+        assert json.loads(web("http://127.0.0.1:8080/readyz"))["ready"] is True
+        staging = c.root / "var/lib/digitwatch-staging"
+        (staging / "up.png").write_bytes(digit_png(1))
+        record = json.loads(
+            web(
+                "--data-binary",
+                "@/var/lib/digitwatch-staging/up.png",
+                "http://127.0.0.1:8080/v1/predict",
+            )
+        )
+        assert record["digit"] == 7
+        assert "/static/predict.js" in web("http://127.0.0.1:8080/")
+        status = json.loads(web("http://127.0.0.1:8080/status"))
+        assert status["answered"] == {"ok": 1, "no_digit": 1, "error": 0}
+        (item,) = json.loads(web("http://127.0.0.1:8080/v1/review"))["items"]
+        answer = web(
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            f"X-Digitwatch-Token: {WEB_TOKEN}",
+            "--data",
+            '{"action": "reject"}',
+            f"http://127.0.0.1:8080/v1/review/{item['id']}",
+        )
+        assert json.loads(answer)["human_digit"] is None, answer
+        labels = c.outbox / "review" / "labels.csv"
+        assert labels.exists() and (c.outbox / "review" / "decided" / item["id"]).is_dir()
+        # One transient user: what the web unit wrote belongs to the daemon's user.
+        assert labels.stat().st_uid == c.inbox.stat().st_uid != 0
+        main = c.run("systemctl", "show", "digitwatch-web", "--property=MainPID").stdout
+        pid = main.strip().split("=")[1]
+        # Read-only state but for the review queue, as the process itself sees it.
+        mounts = {
+            line.split()[4]: line.split()[5].split(",")[0]
+            for line in c.run("cat", f"/proc/{pid}/mountinfo").stdout.splitlines()
+        }
+        assert mounts["/var/lib/private/digitwatch"] == "ro", mounts
+        assert mounts["/var/lib/private/digitwatch/outbox/review"] == "rw", mounts
+        proc_status = c.run("cat", f"/proc/{pid}/status").stdout
+        assert re.search(r"^Seccomp:\s+2$", proc_status, re.M), proc_status
+        assert re.search(r"^CapEff:\s+0+$", proc_status, re.M), proc_status
+        out = c.run("systemd-analyze", "security", "digitwatch-web.service", check=False).stdout
+        m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+        assert m and float(m.group(1)) <= 2.5, out
+        c.run("systemctl", "stop", "digitwatch-web")
+        s = c.run(
+            "systemctl", "show", "digitwatch-web", "--property=Result", "--property=ExecMainStatus"
+        ).stdout
+        assert "Result=success" in s and "ExecMainStatus=0" in s, s
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{journal()}") from None
+    assert "status=31/SYS" not in journal()

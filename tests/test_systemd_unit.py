@@ -16,13 +16,14 @@ from daemon_helpers import csv_rows, digit_png, wait_for
 from digitwatch.settings import DEFAULT_WEIGHTS, Settings
 
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "digitwatch.service"
+WEB_UNIT = UNIT.with_name("digitwatch-web.service")
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
 
 
-def directives() -> dict[str, list[str]]:
+def directives(unit: Path = UNIT) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    text = UNIT.read_text().replace("\\\n", " ")
+    text = unit.read_text().replace("\\\n", " ")
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith(("#", "[")) and "=" in line:
@@ -31,11 +32,12 @@ def directives() -> dict[str, list[str]]:
     return out
 
 
-def local_copy(tmp_path: Path) -> Path:
+def local_copy(tmp_path: Path, source: Path = UNIT) -> Path:
     """The unit with ExecStart pointing at this checkout, so `verify` finds the binary."""
     binary = Path(sys.executable).parent / "digitwatch"
-    unit = tmp_path / UNIT.name
-    unit.write_text(UNIT.read_text().replace("/opt/digitwatch/.venv/bin/digitwatch", str(binary)))
+    unit = tmp_path / source.name
+    text = source.read_text().replace("/opt/digitwatch/.venv/bin/digitwatch", str(binary))
+    unit.write_text(text)
     return unit
 
 
@@ -147,3 +149,46 @@ def test_unit_limits_and_the_defaults_agree() -> None:
     assert needed <= 0.9 * _size_mb(d["MemoryMax"][0]), needed
     assert s.stop_timeout + 5 <= 10 < int(d["TimeoutStopSec"][0])
     assert "--workers" not in d["ExecStart"][0] and "--max-decode-mb" not in d["ExecStart"][0]
+
+
+def test_web_unit_listens_on_loopback_only_and_writes_only_the_review_queue() -> None:
+    d = directives(WEB_UNIT)
+    exec_start = d["ExecStart"][0].split()
+    assert exec_start[1] == "serve" and "--log-format" in exec_start
+    host, port = (
+        exec_start[exec_start.index("--host") + 1],
+        exec_start[exec_start.index("--port") + 1],
+    )
+    assert host == "127.0.0.1"
+    # The network: only loopback addresses, only a bind to the one port it serves.
+    assert "PrivateNetwork" not in d
+    assert d["IPAddressDeny"] == ["any"] and d["IPAddressAllow"] == ["localhost"]
+    assert d["SocketBindAllow"] == [f"tcp:{port}"] and d["SocketBindDeny"] == ["any"]
+    assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+    # The main unit's transient user (its name is the unit's), so both use one state folder.
+    assert d["User"] == ["digitwatch"] and d["DynamicUser"] == ["yes"]
+    assert d["ProtectSystem"] == ["strict"]
+    assert d["ReadOnlyPaths"] == ["/var/lib/private/digitwatch"]
+    assert d["ReadWritePaths"] == ["/var/lib/private/digitwatch/outbox/review"]
+    for key in ("NoNewPrivileges", "MemoryDenyWriteExecute", "ProtectHome", "PrivateUsers"):
+        assert d[key] == ["yes"], key
+    assert d["CapabilityBoundingSet"] == [""] and "@system-service" in d["SystemCallFilter"]
+    assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"]
+    main = directives()
+    assert main["StateDirectory"][0].split() == d["StateDirectory"][0].split()[:3]
+
+
+@needs_analyze
+def test_web_unit_verifies_and_its_exposure_is_at_most_2_5(tmp_path: Path) -> None:
+    unit = local_copy(tmp_path, WEB_UNIT)
+    p = subprocess.run([str(ANALYZE), "verify", str(unit)], capture_output=True, text=True)
+    assert p.returncode == 0 and WEB_UNIT.name not in p.stderr, p.stderr
+    p = subprocess.run(
+        [str(ANALYZE), "security", "--offline=true", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", p.stdout)
+    assert m, p.stdout + p.stderr
+    assert float(m.group(1)) <= 2.5, p.stdout

@@ -21,7 +21,7 @@ def test_short_training_run_beats_80_percent(mnist_dir: Path, tmp_path: Path) ->
     # No augmentation: 63 steps are too few to learn through random affines.
     plain = {"rotate_deg": 0.0, "scale": 0.0, "shear": 0.0, "shift": 0.0}
     cfg = TrainConfig(epochs=1, train_limit=2000, val_size=1000, seed=1, batch_size=32, **plain)
-    out = tmp_path / "w.pt"
+    out = tmp_path / "w.safetensors"
     epochs: list[float] = []
     result, meta = train_and_save(
         cfg, mnist_dir, out, download=False, on_epoch=lambda r: epochs.append(r.val_accuracy)
@@ -35,8 +35,8 @@ def test_short_training_run_beats_80_percent(mnist_dir: Path, tmp_path: Path) ->
 @pytest.mark.slow
 def test_same_seed_same_weights(mnist_dir: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=1, train_limit=500, val_size=100, seed=3, threads=1)
-    a = train_and_save(cfg, mnist_dir, tmp_path / "a.pt", download=False)[1]
-    b = train_and_save(cfg, mnist_dir, tmp_path / "b.pt", download=False)[1]
+    a = train_and_save(cfg, mnist_dir, tmp_path / "a.safetensors", download=False)[1]
+    b = train_and_save(cfg, mnist_dir, tmp_path / "b.safetensors", download=False)[1]
     assert a["sha256"] == b["sha256"]
 
 

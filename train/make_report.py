@@ -22,7 +22,7 @@ from digitwatch.settings import Settings
 from digitwatch.training import load_recipe, train_and_save
 
 HERE = Path(__file__).resolve().parent
-WEIGHTS = HERE.parent / "weights" / "mnist-mlp.pt"
+WEIGHTS = HERE.parent / "weights" / "mnist-mlp.safetensors"
 
 
 def _cpu() -> str:
@@ -52,7 +52,9 @@ def main() -> None:
     for seed in args.seeds:
         cfg = load_recipe(HERE / "recipe.toml", {"seed": seed})
         with tempfile.TemporaryDirectory() as tmp:
-            result, m = train_and_save(cfg, args.data_dir, Path(tmp) / "w.pt", download=False)
+            result, m = train_and_save(
+                cfg, args.data_dir, Path(tmp) / "w.safetensors", download=False
+            )
         reruns.append((seed, m["mnist_test_accuracy"], result.seconds))
 
     t = meta["training"]
@@ -67,7 +69,7 @@ def main() -> None:
         else f"Logits are divided by a temperature of {temperature:g} fit on the validation split."
     )
     lines = [
-        "# Training report: weights/mnist-mlp.pt",
+        "# Training report: weights/mnist-mlp.safetensors",
         "",
         "Made by `python train/make_report.py --data-dir ../shared/data/mnist"
         + (" --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "")
@@ -77,7 +79,7 @@ def main() -> None:
         "",
         "```sh",
         "digitwatch train --recipe train/recipe.toml --data-dir ../shared/data/mnist \\",
-        "    --out weights/mnist-mlp.pt",
+        "    --out weights/mnist-mlp.safetensors",
         "```",
         "",
         f"784-128-64-10 ReLU MLP ({meta['architecture']['dropout']} dropout after the first "
