@@ -79,6 +79,10 @@ def train(
     recipe: Annotated[
         Path | None, typer.Option(help="TOML recipe (train/recipe.toml); options override it.")
     ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(help="mlp or cnn (train/recipe-cnn.toml is the CNN's recipe)."),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training split.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per optimizer step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (one-cycle).")] = None,
@@ -99,7 +103,7 @@ def train(
     download: DownloadOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Train the MLP on MNIST and write weights with their metadata."""
+    """Train the MLP (or the CNN) on MNIST and write weights with their metadata."""
     _guard(lambda: _require_train_extra("train"))
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -119,6 +123,7 @@ def train(
             )
             before = load_weights(s.weights).meta.get("mnist_test_accuracy")
         overrides = {
+            "arch": arch,
             "epochs": epochs,
             "batch_size": batch_size,
             "lr": lr,

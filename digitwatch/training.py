@@ -20,12 +20,15 @@ import torch.nn.functional as F
 
 from digitwatch.corrections import Corrections
 from digitwatch.mnist import MNIST_MEAN, MNIST_STD, load_mnist
-from digitwatch.model import MLP, MLPConfig, save_checkpoint
+from digitwatch.model import CNN, MLP, CNNConfig, MLPConfig, Net, save_checkpoint
 from digitwatch.preprocess import deskew_all
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    arch: str = "mlp"  # or "cnn" (train/recipe-cnn.toml)
+    channels: tuple[int, ...] = CNNConfig.channels  # the CNN's conv blocks
+    hidden: int = CNNConfig.hidden  # the CNN's hidden layer
     epochs: int = 40
     batch_size: int = 128
     lr: float = 3e-3  # one-cycle peak
@@ -60,7 +63,7 @@ class EpochReport:
 
 @dataclass(frozen=True)
 class TrainResult:
-    models: list[MLP]  # the ensemble's members, in seed order
+    models: list[Net]  # the ensemble's members, in seed order
     history: list[EpochReport]
     seconds: float
     temperature: float  # fit on the validation split; logits are divided by it
@@ -238,7 +241,7 @@ def _continental_epoch(
 
 
 @torch.no_grad()
-def _logits(models: list[MLP], images: torch.Tensor) -> torch.Tensor:
+def _logits(models: list[Net], images: torch.Tensor) -> torch.Tensor:
     """(M, N, 10) logits of every member for (N, 1, 28, 28) uint8 images."""
     for m in models:
         m.eval()
@@ -253,8 +256,8 @@ def _probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits / temperature, dim=2).mean(0)
 
 
-def accuracy(models: MLP | list[MLP], images: torch.Tensor, labels: torch.Tensor) -> float:
-    members = models if isinstance(models, list) else [models]
+def accuracy(models: Net | list[Net], images: torch.Tensor, labels: torch.Tensor) -> float:
+    members: list[Net] = models if isinstance(models, list) else [models]
     pred = _probabilities(_logits(members, images), 1.0).argmax(1)
     return float((pred == labels).float().mean())
 
@@ -285,11 +288,17 @@ def _train_member(
     on_batch: BatchCallback | None,
     on_epoch: EpochCallback | None,
     history: list[EpochReport],
-) -> MLP:
+) -> Net:
     x_raw, x_train, y_train, x_val, y_val = data
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = MLP(MLPConfig(dropout=cfg.dropout))
+    model: Net
+    if cfg.arch == "cnn":
+        config = CNNConfig(channels=tuple(cfg.channels), hidden=cfg.hidden, dropout=cfg.dropout)
+        # Channels-last: oneDNN's convolutions ran ~3-5x faster so on this CPU.
+        model = CNN(config).to(memory_format=torch.channels_last)
+    else:
+        model = MLP(MLPConfig(dropout=cfg.dropout))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -381,7 +390,7 @@ def train(
     )
 
 
-def test_accuracy(models: list[MLP], data_dir: Path, *, download: bool = True) -> float:
+def test_accuracy(models: list[Net], data_dir: Path, *, download: bool = True) -> float:
     images, labels = load_mnist(data_dir, train=False, download=download)
     images = deskew_all(images)
     return accuracy(models, torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels))
@@ -441,4 +450,8 @@ def load_recipe(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+    if values.get("arch", "mlp") not in ("mlp", "cnn"):
+        raise ConfigError(f"unknown architecture {values['arch']!r}: mlp or cnn")
+    if "channels" in values:
+        values["channels"] = tuple(int(c) for c in values["channels"])
     return TrainConfig(**values)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import corpus
 import numpy as np
@@ -13,12 +17,20 @@ import pytest
 import safetensors.torch
 import torch
 
-from digitwatch.classify import Classifier, load_weights, metadata_path
+from digitwatch.classify import Classifier, load_weights, metadata_path, onnx_path
 from digitwatch.codec import Limits
 from digitwatch.errors import WeightsError
 from digitwatch.evaluate import flagged_shares
 from digitwatch.mnist import load_mnist
-from digitwatch.model import MLP, MLPConfig, load_torch_model, save_checkpoint
+from digitwatch.model import (
+    CNN,
+    MLP,
+    CNNConfig,
+    MLPConfig,
+    load_torch_model,
+    load_torch_models,
+    save_checkpoint,
+)
 from digitwatch.pipeline import Input, Pipeline
 from digitwatch.preprocess import deskew_all
 from digitwatch.settings import Settings
@@ -310,3 +322,157 @@ def test_uncertain_flags_most_wrong_answers_and_few_right_ones(
     assert (~right).sum() >= 30, "too few wrong answers to measure"
     assert wrong_flagged >= 0.70, f"{wrong_flagged:.1%} of {(~right).sum()} wrong answers flagged"
     assert right_flagged <= 0.05, f"{right_flagged:.2%} of {right.sum()} right answers flagged"
+
+
+# --- the CNN (issue 16) -------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_CNN = REPO / "weights" / "mnist-cnn.safetensors"
+
+
+def _save_cnn(path: Path, models: list[CNN], temperature: float = 1.0) -> None:
+    save_checkpoint(
+        models if len(models) > 1 else models[0],
+        path,
+        mean=0.1307,
+        std=0.3081,
+        training={"seed": 0},
+        test_accuracy=None,
+        temperature=temperature,
+    )
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_cnn_service_forward_matches_torch_on_a_batch(tmp_path: Path, members: int) -> None:
+    """The service's forward pass (onnxruntime on the exported graph) is torch's, batch of 64."""
+    torch.manual_seed(2)
+    models = [CNN(CNNConfig()).eval() for _ in range(members)]
+    path = tmp_path / "c.safetensors"
+    _save_cnn(path, models, temperature=1.4)
+    weights = load_weights(path)
+    assert weights.arch == "cnn"
+    assert weights.model_id.startswith(f"cnn-16-32-64-128{'x2' if members == 2 else ''}@")
+    x = torch.randn(64, 784)
+    with torch.no_grad():
+        logits = torch.stack([m(x) for m in models])  # (M, 64, 10)
+    expected = torch.softmax(logits / 1.4, dim=2).mean(0).numpy()
+    classifier = Classifier(weights)
+    np.testing.assert_allclose(classifier.logits(x.numpy()), logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(classifier.probabilities(x.numpy()), expected, atol=1e-6)
+    np.testing.assert_allclose(classifier.probabilities(x.numpy()[:1]), expected[:1], atol=1e-6)
+    reloaded = load_torch_models(path)
+    assert all(isinstance(m, CNN) for m in reloaded)
+    assert torch.equal(reloaded[-1].convs[1].weight, models[-1].convs[1].weight)
+
+
+def test_cnn_metadata_names_the_network_and_its_graph(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    _save_cnn(path, [CNN()])
+    meta = json.loads(metadata_path(path).read_text())
+    assert meta["architecture"] | {"dropout": None} == {
+        "name": "cnn",
+        "channels": [16, 32, 64],
+        "kernel": 3,
+        "pool": "max2-ceil",
+        "hidden": 128,
+        "activation": "relu",
+        "dropout": None,
+        "members": 1,
+    }
+    assert meta["onnx"]["file"] == "c.onnx"
+    assert sum(v.numel() for v in CNN().state_dict().values()) < 1_000_000
+
+
+def _edit_meta(path: Path, edit: Any) -> None:
+    meta_file = metadata_path(path)
+    meta = json.loads(meta_file.read_text())
+    edit(meta)
+    meta_file.write_text(json.dumps(meta))
+
+
+def test_an_architecture_mismatch_is_refused(tmp_path: Path) -> None:
+    """Metadata naming one network over the other's tensors: one line naming both."""
+    cnn, mlp = tmp_path / "c.safetensors", tmp_path / "m.safetensors"
+    _save_cnn(cnn, [CNN()])
+    _save(mlp)
+    cnn_arch = json.loads(metadata_path(cnn).read_text())["architecture"]
+    mlp_arch = json.loads(metadata_path(mlp).read_text())["architecture"]
+
+    _edit_meta(cnn, lambda m: m.update(architecture=mlp_arch))
+    with pytest.raises(WeightsError, match=r"c\.safetensors: tensor shapes .* mlp-784-128-64-10"):
+        load_weights(cnn)
+    _edit_meta(mlp, lambda m: m.update(architecture=cnn_arch, onnx={"sha256": "0"}))
+    with pytest.raises(WeightsError, match=r"m\.safetensors: tensor shapes .* cnn-16-32-64-128"):
+        load_weights(mlp)
+    _edit_meta(cnn, lambda m: m.update(architecture={**cnn_arch, "channels": [8, 16]}))
+    with pytest.raises(WeightsError, match=r"tensor shapes .* cnn-8-16-128 CNN"):
+        load_weights(cnn)
+    _edit_meta(cnn, lambda m: m.update(architecture={**cnn_arch, "name": "resnet"}))
+    with pytest.raises(WeightsError, match=r"c\.json: unknown architecture 'resnet'"):
+        load_weights(cnn)
+    _edit_meta(cnn, lambda m: m.update(architecture={**cnn_arch, "kernel": 5}))
+    with pytest.raises(WeightsError, match=r"c\.json: a CNN architecture other than"):
+        load_weights(cnn)
+
+
+def test_the_cnn_graph_is_checked_like_the_weights(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    _save_cnn(path, [CNN()])
+    graph = onnx_path(path)
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=r"c\.onnx: sha256 .* does not match"):
+        load_weights(path)
+    graph.unlink()
+    with pytest.raises(WeightsError, match=r"c\.onnx: cannot read the CNN's graph"):
+        load_weights(path)
+    _edit_meta(path, lambda m: m.pop("onnx"))
+    with pytest.raises(WeightsError, match=r"c\.json: a CNN's metadata lacks its onnx sha256"):
+        load_weights(path)
+
+
+def test_loading_the_cnn_does_not_import_torch() -> None:
+    code = (
+        "import sys; from pathlib import Path; from digitwatch.classify import *;"
+        f"c = Classifier(load_weights(Path({str(SHIPPED_CNN)!r})));"
+        "import numpy as np; c.probabilities(np.zeros((2, 784), np.float32));"
+        "print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+    code = code.replace(str(SHIPPED_CNN), str(REPO / "weights" / "mnist-mlp.safetensors"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]  # the MLP path never loads onnxruntime
+
+
+@pytest.mark.slow
+def test_predict_with_the_shipped_cnn_end_to_end(tmp_path: Path) -> None:
+    from daemon_helpers import digit_png
+
+    images = [tmp_path / f"{d}.png" for d in ("seven", "one")]
+    images[0].write_bytes(digit_png())
+    images[1].write_bytes(corpus_png(1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIGITWATCH_")}
+    cmd = [sys.executable, "-m", "digitwatch", "predict", *map(str, images)]
+    out = subprocess.run(
+        [*cmd, "--weights", str(SHIPPED_CNN), "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    records = json.loads(out.stdout)
+    assert [r["digit"] for r in records] == [7, 1]
+    assert all(r["model"].startswith("cnn-16-32-64-128@") for r in records)
+    assert all(isinstance(r["uncertain"], bool) for r in records)
+
+
+def corpus_png(digit: int) -> bytes:
+    """A plain vertical stroke on white, as a person might draw a 1."""
+    from digitwatch.codec import encode_png
+
+    img = np.full((28, 28), 255, np.uint8)
+    img[4:24, 13:16] = 0
+    return encode_png(img)

@@ -84,6 +84,20 @@ def test_a_wheel_predicts_and_serves_with_its_shipped_weights(
     assert out.returncode == 0, out.stderr
     (record,) = json.loads(out.stdout)
     assert record["status"] == "ok" and record["digit"] == 7
+    cnn = next(
+        (core_venv / "lib").glob("python*/site-packages/digitwatch/weights/mnist-cnn.safetensors")
+    )
+    out = subprocess.run(
+        [exe, "predict", str(image), "--format", "json", "--weights", str(cnn)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr  # the shipped CNN too, without torch
+    (record,) = json.loads(out.stdout)
+    assert record["digit"] == 7 and record["model"].startswith("cnn-")
 
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     inbox.mkdir()

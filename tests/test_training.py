@@ -58,3 +58,48 @@ def test_recipe_file_is_the_shipped_configuration(weights_path: Path) -> None:
     shipped = json.loads(metadata_path(weights_path).read_text())["training"]
     for field in ("epochs", "batch_size", "lr", "seed", "shift", "rotate_deg", "dropout"):
         assert getattr(cfg, field) == shipped[field], field
+
+
+SHIPPED_CNN = REPO / "weights" / "mnist-cnn.safetensors"
+
+
+@pytest.mark.slow
+def test_a_short_cnn_run_learns_and_repeats_bit_for_bit(mnist_dir: Path, tmp_path: Path) -> None:
+    plain = {"rotate_deg": 0.0, "scale": 0.0, "shear": 0.0, "shift": 0.0, "elastic_alpha": 0.0}
+    cfg = TrainConfig(
+        arch="cnn", epochs=1, train_limit=1500, val_size=500, seed=4, threads=1, **plain
+    )
+    a = train_and_save(cfg, mnist_dir, tmp_path / "a.safetensors", download=False)[1]
+    b = train_and_save(cfg, mnist_dir, tmp_path / "b.safetensors", download=False)[1]
+    assert a["architecture"]["name"] == "cnn" and a["mnist_test_accuracy"] > 0.45  # chance is 0.10
+    assert a["sha256"] == b["sha256"] and a["onnx"]["sha256"] == b["onnx"]["sha256"]
+    assert load_weights(tmp_path / "a.safetensors").arch == "cnn"
+
+
+@pytest.mark.slow
+def test_shipped_cnn_scores_at_least_99_5_percent(mnist_dir: Path) -> None:
+    ev = evaluate(SHIPPED_CNN, mnist_dir, download=False)
+    assert ev.accuracy >= 0.995
+    assert ev.model.startswith("cnn-16-32-64-128@")
+    recorded = json.loads(metadata_path(SHIPPED_CNN).read_text())["mnist_test_accuracy"]
+    assert ev.accuracy == pytest.approx(recorded, abs=1e-4)
+
+
+def test_cnn_recipe_is_the_shipped_configuration() -> None:
+    cfg = load_recipe(REPO / "train" / "recipe-cnn.toml", {})
+    shipped = json.loads(metadata_path(SHIPPED_CNN).read_text())
+    for field in ("arch", "epochs", "batch_size", "lr", "seed", "val_size", "dropout", "threads"):
+        assert getattr(cfg, field) == shipped["training"][field], field
+    assert list(cfg.channels) == shipped["architecture"]["channels"]
+    assert cfg.hidden == shipped["architecture"]["hidden"]
+    mlp = load_recipe(REPO / "train" / "recipe.toml", {})
+    same = ("val_size", "seed", "rotate_deg", "scale", "shift", "elastic_alpha", "continental_1")
+    for field in same:  # the MLP's split and augmentation
+        assert getattr(cfg, field) == getattr(mlp, field), field
+
+
+def test_an_unknown_arch_is_a_clear_error() -> None:
+    from digitwatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown architecture 'vit'"):
+        load_recipe(None, {"arch": "vit"})

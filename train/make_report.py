@@ -1,6 +1,10 @@
 """Write train/REPORT.md and train/errors.png from the shipped weights and MNIST.
 
     .venv/bin/python train/make_report.py --data-dir ../shared/data/mnist [--seeds 1 2]
+    .venv/bin/python train/make_report.py --data-dir ../shared/data/mnist --arch cnn
+
+`--arch cnn` writes train/REPORT-cnn.md from weights/mnist-cnn.* and train/recipe-cnn.toml
+(no contact sheet).
 
 Every figure in the report comes from the weights' metadata (written by `digitwatch
 train`) or from `digitwatch.evaluate`, run here. `--seeds` also reruns the recipe with
@@ -22,7 +26,10 @@ from digitwatch.settings import Settings
 from digitwatch.training import load_recipe, train_and_save
 
 HERE = Path(__file__).resolve().parent
-WEIGHTS = HERE.parent / "weights" / "mnist-mlp.safetensors"
+MODELS = {  # weights, recipe, report, contact sheet of the errors
+    "mlp": ("mnist-mlp.safetensors", "recipe.toml", "REPORT.md", "errors.png"),
+    "cnn": ("mnist-cnn.safetensors", "recipe-cnn.toml", "REPORT-cnn.md", None),
+}
 
 
 def _cpu() -> str:
@@ -32,11 +39,24 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _network(arch: dict[str, object]) -> str:
+    if arch["name"] == "cnn":
+        return (
+            f"A CNN: conv blocks of {arch['channels']} channels (3x3 conv, "
+            f"ReLU, 2x2 max-pool rounding up), one hidden layer of {arch['hidden']} "
+            f"({arch['dropout']} dropout after it)"
+        )
+    return f"784-128-64-10 ReLU MLP ({arch['dropout']} dropout after the first layer)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", type=Path, required=True)
     ap.add_argument("--seeds", type=int, nargs="*", default=[])
+    ap.add_argument("--arch", choices=sorted(MODELS), default="mlp")
     args = ap.parse_args()
+    weights_name, recipe_name, report_name, sheet_name = MODELS[args.arch]
+    WEIGHTS = HERE.parent / "weights" / weights_name  # noqa: N806
 
     meta = json.loads(metadata_path(WEIGHTS).read_text())
     uncertain_below = Settings().uncertain_below
@@ -45,12 +65,12 @@ def main() -> None:
         args.data_dir,
         download=False,
         through_pipeline=True,
-        sheet_path=HERE / "errors.png",
+        sheet_path=HERE / sheet_name if sheet_name else None,
         uncertain_below=uncertain_below,
     )
     reruns = []
     for seed in args.seeds:
-        cfg = load_recipe(HERE / "recipe.toml", {"seed": seed})
+        cfg = load_recipe(HERE / recipe_name, {"seed": seed})
         with tempfile.TemporaryDirectory() as tmp:
             result, m = train_and_save(
                 cfg, args.data_dir, Path(tmp) / "w.safetensors", download=False
@@ -61,7 +81,7 @@ def main() -> None:
     members = int(meta["architecture"].get("members", 1))
     temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
     ensemble = (
-        f"An ensemble of {members} such MLPs, seeds {t['seed']} to {t['seed'] + members - 1} "
+        f"An ensemble of {members} such networks, seeds {t['seed']} to {t['seed'] + members - 1} "
         "(one validation split for all); the answer is the mean of their softmax over "
         f"logits divided by a temperature of {temperature:g}, fit on the validation split "
         "by negative log-likelihood."
@@ -69,21 +89,22 @@ def main() -> None:
         else f"Logits are divided by a temperature of {temperature:g} fit on the validation split."
     )
     lines = [
-        "# Training report: weights/mnist-mlp.safetensors",
+        f"# Training report: weights/{weights_name}",
         "",
         "Made by `python train/make_report.py --data-dir ../shared/data/mnist"
+        + (f" --arch {args.arch}" if args.arch != "mlp" else "")
         + (" --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "")
         + "` from the shipped weights' metadata and a fresh evaluation.",
         "",
         "## Recipe",
         "",
         "```sh",
-        "digitwatch train --recipe train/recipe.toml --data-dir ../shared/data/mnist \\",
-        "    --out weights/mnist-mlp.safetensors",
+        f"digitwatch train --recipe train/{recipe_name} --data-dir ../shared/data/mnist \\",
+        f"    --out weights/{weights_name}",
         "```",
         "",
-        f"784-128-64-10 ReLU MLP ({meta['architecture']['dropout']} dropout after the first "
-        f"layer), Adam with a one-cycle schedule peaking at {t['lr']}, CrossEntropyLoss, "
+        f"{_network(meta['architecture'])}, Adam with a one-cycle schedule peaking at "
+        f"{t['lr']}, CrossEntropyLoss, "
         f"batch {t['batch_size']}, {t['epochs']} epochs, seed {t['seed']}. Batched random "
         f"affine augmentation on the tensors: rotation ±{t['rotate_deg']}°, scale "
         f"±{t['scale']:.0%}, shear ±{t['shear']}, shift ±{t['shift']:.0%}, and a smooth "
@@ -139,14 +160,17 @@ def main() -> None:
         "How the recipe was chosen, and the seed spread: [EXPERIMENTS.md](EXPERIMENTS.md). "
         "How `--uncertain-below` was chosen: [docs/calibration.md](../docs/calibration.md).",
         "",
-        "## Misclassified test digits",
-        "",
-        "Each labelled `true->predicted` ([errors.png](errors.png)):",
-        "",
-        "![misclassified digits](errors.png)",
-        "",
     ]
-    (HERE / "REPORT.md").write_text("\n".join(lines))
+    if sheet_name:
+        lines += [
+            "## Misclassified test digits",
+            "",
+            f"Each labelled `true->predicted` ([{sheet_name}]({sheet_name})):",
+            "",
+            f"![misclassified digits]({sheet_name})",
+            "",
+        ]
+    (HERE / report_name).write_text("\n".join(lines))
     print(json.dumps(dataclasses.asdict(ev) | {"reruns": reruns}, indent=1)[:2000])
 
 
