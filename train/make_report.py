@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--arch", choices=sorted(MODELS), default="mlp")
     args = ap.parse_args()
     weights_name, recipe_name, report_name, sheet_name = MODELS[args.arch]
-    WEIGHTS = HERE.parent / "weights" / weights_name  # noqa: N806
+    WEIGHTS = HERE.parent / "weights" / weights_name
 
     meta = json.loads(metadata_path(WEIGHTS).read_text())
     uncertain_below = Settings().uncertain_below
