@@ -23,7 +23,7 @@ import safetensors.numpy
 from digitwatch.errors import WeightsError
 
 FORMAT_VERSION = 2  # 1: torch's pickled zip checkpoint; 2: safetensors
-PREPROCESSING_VERSION = 3  # 2: to_mnist ends with a deskew; 3: hysteresis, 256 px work (issue 12)
+PREPROCESSING_VERSION = 4  # 2: deskew; 3: hysteresis, 256 px work; 4: stroke-scale paper (issue 12)
 LAYER_SIZES = (784, 128, 64, 10)  # the MLP
 CNN_CHANNELS = (16, 32, 64)  # the CNN's conv blocks (3x3 conv, ReLU, 2x2 max-pool rounding up)
 CNN_HIDDEN = 128

@@ -57,19 +57,20 @@ def test_every_kind_reaches_97_percent(
     assert acc >= 0.97, f"{kind}: {acc:.1%} on {PER_KIND}"
 
 
-# Floors for the kinds issue 12 added, each a few points under the lowest of seeds 0,
-# 1 and 2 (n=200, shipped weights; benchmarks/corpus_accuracy.py --seed N --n 200), so
-# they hold on any seed and fail when a change loses a class of photos. Issue 12's aim
-# is 98% on every kind: raise each floor as the preprocessing and the model get there.
-# The continental kinds are the model's to fix (a flag on a 1 reads as 7).
+# Floors for the kinds issue 12 added, each two to four points under the lowest of seeds
+# 0, 1 and 2 (n=200, shipped weights, preprocessing version 4; benchmarks/corpus_accuracy.py
+# --seed N --n 200), so they hold on any seed and fail when a change loses a class of
+# photos. Seed 1 tuned the preprocessing; this test runs seed 0. Issue 12's aim is 98% on
+# every kind: raise each floor as the preprocessing and the model get there. The
+# continental kinds are the model's to fix (a flag on a 1 reads as 7).
 ADDED_FLOORS = {
-    "photo_faint_stroke": 0.90,
-    "photo_pencil": 0.86,
-    "photo_low_contrast": 0.70,
-    "crop_filled": 0.90,
-    "canvas_thin_big": 0.94,
-    "continental_photo": 0.75,
-    "continental_canvas": 0.72,
+    "photo_faint_stroke": 0.93,  # seeds 0 / 1 / 2: 96.0 / 98.0 / 97.5%
+    "photo_pencil": 0.89,  # 92.0 / 93.5 / 92.0%
+    "photo_low_contrast": 0.80,  # 88.5 / 88.0 / 83.5%
+    "crop_filled": 0.90,  # 93.5 / 96.5 / 97.5%
+    "canvas_thin_big": 0.94,  # 97.0 / 98.0 / 98.0%
+    "continental_photo": 0.83,  # 87.0 / 87.0 / 88.5%
+    "continental_canvas": 0.82,  # 87.0 / 85.5 / 89.5%
 }
 
 

@@ -230,6 +230,34 @@ def test_shadow_and_gradient_do_not_change_the_answer() -> None:
     assert np.abs(a.astype(int) - b.astype(int)).mean() < 12
 
 
+def _faint_by_a_soft_shadow() -> np.ndarray:
+    """A ring only 25 grey levels darker than the paper, beside the soft edge of a
+    shadow that darkens the left of the page by half: the knee of that edge is where a
+    page-wide paper model lags."""
+    ring = (255 - _ring(400, 10).astype(np.float32)) / 255
+    xx = np.mgrid[0:400, 0:400][1].astype(np.float32)
+    shade = 1 - 0.5 / (1 + np.exp((xx - 110) / 18))
+    page = (200 - 25 * ring) * shade
+    page += np.random.default_rng(0).normal(0, 2, page.shape)
+    return np.asarray(np.clip(page, 0, 255), np.uint8)
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_faint_ink_beside_a_soft_shadow_edge_reads_as_itself(
+    narrow: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paper is modelled again at the stroke's own scale; with a window a third of
+    the page wide the shadow's knee reads as ink joined to the ring."""
+    if not narrow:
+        monkeypatch.setattr(preprocess, "MIN_WINDOW", 10**6)  # the one page-wide pass
+    clean, shaded = to_mnist(_ring(400, 10)), to_mnist(_faint_by_a_soft_shadow())
+    assert clean is not None and shaded is not None
+    if narrow:
+        assert _diff(clean, shaded) < 10
+    else:
+        assert shaded is None or _diff(clean, shaded) >= 10
+
+
 def test_ruled_lines_and_specks_are_dropped() -> None:
     clean = _ring(400, 10)
     lined = clean.copy()
