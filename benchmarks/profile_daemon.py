@@ -42,8 +42,9 @@ STAGES = [
     ("results.py", "(digitwatch/results.py)"),
     ("watchdog", "(watchdog/"),
     ("pipeline", "(digitwatch/pipeline.py)"),
+    ("workers", "(digitwatch/workers.py)"),
     ("watcher", "(digitwatch/watcher.py)"),
-    ("daemon", "(digitwatch/daemon.py)"),
+    ("daemon", "(digitwatch/service/"),
 ]
 _LINE = re.compile(r":\d+\)$")
 

@@ -8,7 +8,6 @@ object of any other kind is refused, as `torch.load(weights_only=True)` would.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import pickle
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from digitwatch import libc
 from digitwatch.errors import WeightsError
 
 FORMAT_VERSION = 1
@@ -212,33 +212,6 @@ def softmax(logits: Floats) -> Floats:
     return z
 
 
-def single_threaded_blas() -> bool:
-    """Pin numpy's OpenBLAS to one thread; True if it worked.
-
-    Measured here (2 cores): a (64, 784) @ (784, 128) float32 product takes ~0.2 ms on
-    one thread and ~30 ms with OpenBLAS's default two, which wake and park per call.
-    The batches are tiny, and decoding already uses the other core.
-    """
-    libs = Path(np.__file__).parent.parent / "numpy.libs"
-    for lib in sorted(libs.glob("*openblas*")):
-        try:
-            handle = ctypes.CDLL(str(lib))
-        except OSError:
-            continue
-        for name in (
-            "scipy_openblas_set_num_threads64_",
-            "scipy_openblas_set_num_threads",
-            "openblas_set_num_threads64_",
-            "openblas_set_num_threads",
-        ):
-            fn = getattr(handle, name, None)
-            if fn is not None:
-                fn.argtypes = [ctypes.c_int]
-                fn(1)
-                return True
-    return False
-
-
 class Classifier:
     """The MLPs' forward pass in numpy: batches of normalized 784-vectors to probabilities.
 
@@ -250,7 +223,7 @@ class Classifier:
     def __init__(self, weights: Weights) -> None:
         self.weights = weights
         self.temperature = weights.temperature
-        single_threaded_blas()
+        libc.single_threaded_blas()
         # Stacked once: (M, d_in, d_out) and (M, 1, d_out), so each layer of every member
         # is one batched product.
         self._layers = [

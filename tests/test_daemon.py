@@ -27,10 +27,11 @@ from daemon_helpers import (
     wait_for,
 )
 
-from digitwatch.daemon import Daemon, Results, _repair_tail
 from digitwatch.errors import ExitCode, WatcherDied
 from digitwatch.results import CSV_COLUMNS, Record
 from digitwatch.sdnotify import Notifier
+from digitwatch.service import Daemon
+from digitwatch.service.outbox import Results, _repair_tail
 from digitwatch.settings import Settings
 
 pytestmark = pytest.mark.slow

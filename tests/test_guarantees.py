@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from daemon_helpers import DaemonProcess, children, csv_rows, digit_png, drop, stage, wait_for
 
-from digitwatch.daemon import Results
 from digitwatch.results import Record
+from digitwatch.service.outbox import Results
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,8 @@ import pytest
 from daemon_helpers import DaemonProcess, csv_rows, digit_png, drop, results, wait_for
 from test_daemon import assert_exactly_once, state
 
-from digitwatch.daemon import _repair_tail
 from digitwatch.errors import ExitCode
+from digitwatch.service.outbox import _repair_tail
 
 pytestmark = pytest.mark.slow
 
