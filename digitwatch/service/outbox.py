@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime as dt
 import errno
 import fcntl
@@ -112,7 +113,9 @@ class WriteJson:
         assert len(claims) == len(items), "the service answers claims only"
         # Texts first, then files: one stage at a time keeps each in the caches.
         out = [
-            r.record.stamped(_iso(int(c.detected_at * 1_000_000)), _stamp())
+            dataclasses.replace(
+                r.record, detected_at=_iso(int(c.detected_at * 1_000_000)), processed_at=_stamp()
+            )
             for c, r in zip(claims, results, strict=True)
         ]
         for k, (claim, text) in enumerate(zip(claims, [r.to_json() for r in out], strict=True)):
