@@ -126,9 +126,8 @@ def write_json_atomic(path: str | Path, text: str, *, tmp_name: str | None = Non
     up in inotify only as IN_CREATE, never IN_MOVED_TO or IN_CLOSE_WRITE, so whatever
     watches the outbox for finished files (inotifywait, a tutorial handler) would miss it.
     """
-    # Plain strings and os calls: the daemon writes one per image (pathlib added ~10 us).
-    folder, _, name = os.fspath(path).rpartition("/")
-    tmp = f"{folder}/{tmp_name or '.tmp-' + name}"
+    path = Path(path)
+    tmp = path.with_name(tmp_name or f".tmp-{path.name}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         try:
@@ -137,8 +136,8 @@ def write_json_atomic(path: str | Path, text: str, *, tmp_name: str | None = Non
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
         finally:
             os.close(fd)  # once: a second close could hit a descriptor reused meanwhile
-        os.replace(tmp, path)  # noqa: PTH105
+        tmp.replace(path)
     except OSError:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)  # noqa: PTH108 (no partial file left behind: a full disk)
+            tmp.unlink()  # no partial file left behind: a full disk
         raise

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -49,7 +50,7 @@ class Claimer:
             log.warning("skipped", input=input_text(rel)[0], reason=e.strerror)
             return None
         claim_id = f"{time.time_ns():x}-{self.layout.claim_tag}{next(self._counter):x}"
-        sub, _, name = rel.rpartition("/")
+        name = Path(rel).name
         reason = None
         if not stat.S_ISREG(st.st_mode):
             reason = "not a regular file; left in place"
@@ -65,13 +66,11 @@ class Claimer:
                 self._skipped[path] = st.st_ino
                 log.warning("skipped", input=input_text(rel)[0], reason=reason)
             return None
-        folder = self.layout.work_str
-        if sub:
-            folder = f"{folder}/{sub}"
-            self.layout.ensure_dir(folder)
-        target = f"{folder}/{claim_id}~{name}"
+        folder = self.layout.work / Path(rel).parent
+        self.layout.ensure_dir(folder)
+        target = folder / f"{claim_id}~{name}"
         try:
-            os.rename(path, target)  # noqa: PTH104 (per file: plain strings, see Layout)
+            Path(path).rename(target)
         except FileNotFoundError:
             if not os.path.lexists(path):
                 return None  # a peer claimed it first
@@ -83,7 +82,7 @@ class Claimer:
             log.warning("skipped", input=input_text(rel)[0], reason=f"cannot claim: {e.strerror}")
             return None
         return Claim(
-            name=rel, path=target, size=st.st_size, claim_id=claim_id, detected_at=detected
+            name=rel, path=str(target), size=st.st_size, claim_id=claim_id, detected_at=detected
         )
 
     def claim_batch(self, ready: dict[str, float], size: int) -> list[Claim]:

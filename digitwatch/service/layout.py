@@ -37,12 +37,13 @@ class Claim(Input):
     detected_at: float  # wall clock
 
     @property
-    def subdir(self) -> str:
-        return self.name.rpartition("/")[0]
+    def subdir(self) -> Path:
+        """The inbox subfolder it came from (`.` for the inbox itself)."""
+        return Path(self.name).parent
 
     @property
     def filename(self) -> str:
-        return self.name.rpartition("/")[2]
+        return Path(self.name).name
 
     @property
     def stored_name(self) -> str:
@@ -61,12 +62,9 @@ class Layout:
         self.work = self.work_root / self.daemon_id
         self.claim_tag = self.daemon_id.rsplit("-", 1)[1]  # in every claim id of ours
         self.delete_answered = delete_answered
-        # Plain strings for the per-file paths: pathlib costs a few us per operation.
-        self.work_str = str(self.work)
-        self._archive_to = {status: str(folder) for status, folder in self.archive_dirs.items()}
         self._lock_fd: int | None = None
         self._work_ino = -1  # gone or another when .digitwatch is removed or renamed
-        self._dirs: set[str] = set()
+        self._dirs: set[Path] = set()  # folders known to exist
 
     def make(self) -> None:
         """Make the folders and our work folder, locked before any peer can see it."""
@@ -84,6 +82,8 @@ class Layout:
         except OSError as e:
             raise FolderError(f"cannot create {self.work_root}: {e.strerror or e}") from None
         self._work_ino = self.work.stat().st_ino
+        # Known to exist: never made again behind our back (a removed one is an error).
+        self._dirs.update([self.work, *self.archive_dirs.values()])
 
     def release(self) -> None:
         """Unlock our work folder; whatever is still claimed stays for the next start."""
@@ -115,12 +115,12 @@ class Layout:
                 "exiting so that a restart makes it again"
             )
 
-    def ensure_dir(self, folder: str) -> None:
+    def ensure_dir(self, folder: Path) -> None:
         if folder not in self._dirs:
-            Path(folder).mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             self._dirs.add(folder)
 
-    def forget_dir(self, folder: str) -> None:
+    def forget_dir(self, folder: Path) -> None:
         """`folder` was removed under us: made again when next needed."""
         self._dirs.discard(folder)
 
@@ -129,13 +129,10 @@ class Layout:
         assert claim.path is not None
         try:
             if self.delete_answered and status != "error":
-                os.unlink(claim.path)  # noqa: PTH108 (per file: plain strings)
+                Path(claim.path).unlink()
                 return
-            folder = self._archive_to["failed" if status == "error" else "ok"]
-            sub = claim.subdir
-            if sub:
-                folder = f"{folder}/{sub}"
-                self.ensure_dir(folder)
-            os.rename(claim.path, f"{folder}/{claim.stored_name}")  # noqa: PTH104
+            folder = self.archive_dirs["failed" if status == "error" else "ok"] / claim.subdir
+            self.ensure_dir(folder)
+            Path(claim.path).rename(folder / claim.stored_name)
         except OSError as e:
             log.error("archive_failed", input=claim.name, claim=claim.claim_id, error=str(e))

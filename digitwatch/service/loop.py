@@ -73,7 +73,7 @@ class Daemon:
         self.metrics = metrics or Metrics(model=workers.model_id, workers=settings.workers)
         self.results = Results(outbox, fsync=settings.fsync)
         self.write_json = WriteJson(
-            str(outbox), str(settings.review_path.resolve()) if settings.review else None
+            outbox, settings.review_path.resolve() if settings.review else None
         )
         self.layout = Layout(inbox, delete_answered=settings.on_success == "delete")
         self.daemon_id = self.layout.daemon_id

@@ -56,34 +56,29 @@ def _stamp() -> str:
     return _iso(_last_us)
 
 
-def json_path(outbox: str, claim: Claim) -> str:
+def json_path(outbox: Path, claim: Claim) -> Path:
     """`outbox/<subdir>/<name>.<claim>.json`: one result per claim, never overwritten."""
-    sub = claim.subdir
-    folder = f"{outbox}/{sub}" if sub else outbox
-    return f"{folder}/{claim.filename}.{claim.claim_id}.json"
+    return outbox / claim.subdir / f"{claim.filename}.{claim.claim_id}.json"
 
 
-def fallback_json_path(json_path: str) -> str:
+def fallback_json_path(outbox: Path, claim: Claim) -> Path:
     """`<claim>.json` beside `<name>.<claim>.json`: the result's name when the outbox
     refuses the input's name. The record inside still names the input."""
-    folder, _, name = json_path.rpartition("/")
-    return f"{folder}/{name.rsplit('.', 2)[1]}.json"
+    return outbox / claim.subdir / f"{claim.claim_id}.json"
 
 
-def _tmp_name(json_path: str) -> str:
-    """`.tmp-<claim>` for `<name>.<claim>.json` (or `<claim>.json`): shorter than the
-    result's name, and hidden and without `.json`, so a reader globbing for results
-    never opens it."""
-    return f".tmp-{json_path.rsplit('.', 2)[-2].rpartition('/')[2]}"
+def _tmp_name(claim: Claim) -> str:
+    """`.tmp-<claim>`: shorter than the result's name, and hidden and without `.json`,
+    so a reader globbing for results never opens it."""
+    return f".tmp-{claim.claim_id}"
 
 
-def published(path: str) -> Record | None:
+def published(path: Path) -> Record | None:
     """The record in the complete JSON at `path`, or None when there is none to keep."""
-    if not os.access(path, os.F_OK):
-        return None  # the usual case, a new claim: ~2 us, a failed open() costs ~7
+    if not path.exists():
+        return None  # the usual case, a new claim
     try:
-        with open(path, encoding="utf-8") as f:  # noqa: PTH123 (plain strings, see Daemon)
-            return Record(**json.loads(f.read()))
+        return Record(**json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError):
@@ -105,8 +100,8 @@ class WriteJson:
     a new file one access() call (~2 us).
     """
 
-    outbox: str
-    review_dir: str | None = None  # doubtful answers are queued there too (review.py)
+    outbox: Path
+    review_dir: Path | None = None  # doubtful answers are queued there too (review.py)
 
     def __call__(self, items: Sequence[Input], results: list[Result]) -> list[Record]:
         claims: list[Claim] = [c for c in items if isinstance(c, Claim)]
@@ -125,19 +120,19 @@ class WriteJson:
                 out[k] = kept
                 continue
             try:
-                self._write(path, text)
+                self._write(path, text, _tmp_name(claim))
             except OSError as e:
                 if e.errno not in _NAME_REFUSED:
                     raise  # the outbox's fault (full, read-only, gone): hold the batch
                 # The outbox's filesystem refuses this name (an SMB share refuses ':' or
                 # '?', another has a shorter limit or takes UTF-8 only): the result goes
                 # under its claim id alone rather than holding every batch it is in.
-                fallback = fallback_json_path(path)
+                fallback = fallback_json_path(self.outbox, claim)
                 kept = published(fallback)
                 if kept is not None:
                     out[k] = kept
                     continue
-                self._write(fallback, text)
+                self._write(fallback, text, _tmp_name(claim))
         if self.review_dir is not None:
             for claim, rec, result in zip(claims, out, results, strict=True):
                 if review.wanted(rec):
@@ -149,17 +144,16 @@ class WriteJson:
         assert self.review_dir is not None and claim.path is not None
         seen = None if result.image is None else encode_png(result.image)
         try:
-            review.add(Path(self.review_dir), claim.claim_id, rec, Path(claim.path), seen)
+            review.add(self.review_dir, claim.claim_id, rec, Path(claim.path), seen)
         except OSError as e:
             log.warning("review_failed", input=rec.input, claim=claim.claim_id, error=str(e))
 
-    def _write(self, path: str, text: str) -> None:
-        tmp = _tmp_name(path)
+    def _write(self, path: Path, text: str, tmp: str) -> None:
         try:
             write_json_atomic(path, text, tmp_name=tmp)
         except FileNotFoundError:
-            folder = Path(path).parent
-            if folder == Path(self.outbox) or not Path(self.outbox).is_dir():
+            folder = path.parent
+            if folder == self.outbox or not self.outbox.is_dir():
                 raise
             folder.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, text, tmp_name=tmp)
@@ -170,7 +164,6 @@ class Results:
 
     def __init__(self, outbox: Path, *, fsync: bool) -> None:
         self.outbox = outbox
-        self._outbox = str(outbox)
         self.csv = outbox / CSV_NAME
         self.fsync = fsync
         # (inode, offset) of the end of the last row this process wrote: a row boundary
@@ -188,8 +181,11 @@ class Results:
         known = summary.load(self.outbox, st)
         return known.csv_size if known is not None else 0
 
-    def json_path(self, claim: Claim) -> str:
-        return json_path(self._outbox, claim)
+    def json_path(self, claim: Claim) -> Path:
+        return json_path(self.outbox, claim)
+
+    def fallback_json_path(self, claim: Claim) -> Path:
+        return fallback_json_path(self.outbox, claim)
 
     def append_csv(self, records: list[Record], *, unless_present: bool = False) -> int:
         """Append rows in one write under an exclusive flock; returns how many were written."""

@@ -18,7 +18,7 @@ import structlog
 
 from digitwatch.results import Record
 from digitwatch.service.layout import Claim, Layout
-from digitwatch.service.outbox import Results, fallback_json_path, published
+from digitwatch.service.outbox import Results, published
 
 log = structlog.get_logger()
 
@@ -65,14 +65,14 @@ def recover(
 def _move_claims(layout: Layout, peer: Path) -> int:
     moved = 0
     for dirpath, _dirs, files in os.walk(peer):
-        sub = os.path.relpath(dirpath, peer)
+        folder = Path(dirpath)
         for name in files:
             if name == ".lock" or "~" not in name:
                 continue
-            target = layout.work / sub / name if sub != "." else layout.work / name
-            layout.ensure_dir(str(target.parent))
+            target = layout.work / folder.relative_to(peer) / name
+            layout.ensure_dir(target.parent)
             try:
-                (Path(dirpath) / name).rename(target)
+                (folder / name).rename(target)
                 moved += 1
             except FileNotFoundError:
                 continue  # another daemon adopted it first
@@ -86,19 +86,20 @@ def _finish(
     answered: list[tuple[Claim, Record]] = []
     unanswered: list[Claim] = []
     for dirpath, _dirs, files in os.walk(layout.work):
-        sub = os.path.relpath(dirpath, layout.work)
+        folder = Path(dirpath)
         for name in files:
             if name == ".lock" or "~" not in name:
                 continue
             claim_id, base = name.split("~", 1)
             if claim_id in queued:
                 continue  # ours, held: its next attempt keeps any JSON it published
-            rel = base if sub == "." else f"{sub}/{base}"
+            rel = str(folder.relative_to(layout.work) / base)
             claim = Claim(
-                name=rel, path=f"{dirpath}/{name}", claim_id=claim_id, detected_at=time.time()
+                name=rel, path=str(folder / name), claim_id=claim_id, detected_at=time.time()
             )
-            path = results.json_path(claim)
-            record = published(path) or published(fallback_json_path(path))
+            record = published(results.json_path(claim)) or published(
+                results.fallback_json_path(claim)
+            )
             if record is None:
                 unanswered.append(claim)
                 continue
