@@ -14,7 +14,6 @@ from pathlib import Path
 import structlog
 
 from digitwatch.errors import FolderError
-from digitwatch.logs import info_lines
 from digitwatch.metrics import Metrics
 from digitwatch.service.claims import Batch
 from digitwatch.service.layout import Layout
@@ -97,22 +96,19 @@ class Settler:
 
     def _archive(self, batch: Batch) -> None:
         records = batch.records
-        lines = []
         for c, rec in zip(batch.claims, records, strict=True):
             self.layout.archive(c, rec.status)
             self.counts[rec.status] += 1
-            lines.append(
-                {
-                    "input": rec.input,
-                    "status": rec.status,
-                    "digit": rec.digit,
-                    "confidence": rec.confidence,
-                    "ms": rec.elapsed_ms,
-                    "error": rec.error,
-                    "claim": c.claim_id,
-                }
+            log.info(
+                "image",
+                input=rec.input,
+                status=rec.status,
+                digit=rec.digit,
+                confidence=rec.confidence,
+                ms=rec.elapsed_ms,
+                error=rec.error,
+                claim=c.claim_id,
             )
-        info_lines("image", lines)
         self.metrics.committed(records, [c.detected_at for c in batch.claims])
         log.info(
             "batch",
