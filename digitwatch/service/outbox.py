@@ -29,16 +29,12 @@ log = structlog.get_logger()
 # What a filesystem answers for a name it will not take (not for a full or read-only one).
 _NAME_REFUSED = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ})
 
-_second = (-1, "")  # the last whole second formatted by _iso, and its text
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def _iso(wall_us: int) -> str:
-    """ISO 8601 UTC with microseconds, as datetime.isoformat writes it, ~15x cheaper."""
-    global _second  # noqa: PLW0603 (a one-entry cache)
-    sec, us = divmod(wall_us, 1_000_000)
-    if _second[0] != sec:
-        _second = (sec, dt.datetime.fromtimestamp(sec, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    return f"{_second[1]}.{us:06d}+00:00"
+    """ISO 8601 UTC with microseconds (exact: integer microseconds, no float)."""
+    return (_EPOCH + dt.timedelta(microseconds=wall_us)).isoformat(timespec="microseconds")
 
 
 _last_us = 0  # this process's last processed_at
