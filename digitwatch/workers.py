@@ -84,7 +84,7 @@ class _DecodeBudget:
 
 
 def _worker_init(pipeline: Pipeline, budget: _DecodeBudget) -> None:
-    global _PIPELINE  # noqa: PLW0603 (one per worker process, set once at fork)
+    global _PIPELINE  # one per worker process, set once at fork
     _PIPELINE = pipeline  # inherited through fork, not pickled: the weights are shared pages
     pipeline.hold = budget.hold
     # One OpenCV thread per worker: the workers are the parallelism, and on small images

@@ -47,7 +47,7 @@ def _stamp() -> str:
     microsecond, but never for the same input: the service does not start an input name
     while an earlier file of that name is still being answered (`claims.InFlight`).
     """
-    global _last_us  # noqa: PLW0603 (one clock per process)
+    global _last_us  # one clock per process
     _last_us = max(time.time_ns() // 1000, _last_us + 1)
     return _iso(_last_us)
 

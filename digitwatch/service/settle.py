@@ -83,10 +83,12 @@ class Settler:
             batches = [i for i in items if i is not None]
             try:
                 if batches and self.error is None:
+                    # Group commit: one sync covers every batch waiting (an fsync per file
+                    # costs ~3.3 ms here; one syncfs for 300 files, ~56 us each).
                     self.results.sync(*self.sync)
                     for b in batches:
                         self._archive(b)
-            except BaseException as e:  # noqa: BLE001 (handed to the main thread)
+            except BaseException as e:  # handed to the main thread
                 self.error = e  # the claims stay in the work folder for a restart
             finally:
                 for _ in items:
