@@ -71,15 +71,16 @@ def _tmp_name(claim: Claim) -> str:
 
 def published(path: Path) -> Record | None:
     """The record in the complete JSON at `path`, or None when there is none to keep."""
-    if not path.exists():
-        return None  # the usual case, a new claim
     try:
-        return Record(**json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        # None there (a new claim: the usual case), or a name this filesystem refuses
+        # (Path.exists() would raise ENAMETOOLONG where this must answer "none").
         return None
-    except (OSError, ValueError, TypeError):
-        # Unreadable or cut short (a power cut before the sync): never published whole.
-        return None
+    try:
+        return Record(**json.loads(text))
+    except (ValueError, TypeError):
+        return None  # cut short (a power cut before the sync): never published whole
 
 
 @dataclass(frozen=True)
