@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +29,38 @@ from digitwatch.classify import load_weights
 from digitwatch.codec import Limits
 from digitwatch.pipeline import Input, Pipeline
 from digitwatch.workers import Workers
+
+# The in-process tests fork workers from the test process. Other test files load torch,
+# whose OpenMP threads make a forked child deadlock on their locks (the service never
+# imports torch), so those tests run in a new interpreter, started by the test below.
+_FRESH = os.environ.get("DIGITWATCH_TEST_FRESH_PROCESS") == "1"
+fresh = pytest.mark.skipif(
+    not _FRESH, reason="forks: run by test_in_process_tests_in_a_new_interpreter"
+)
+
+
+def test_in_process_tests_in_a_new_interpreter() -> None:
+    if _FRESH:
+        pytest.skip("this is that interpreter")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not slow",
+            __file__,
+        ],
+        env=os.environ | {"DIGITWATCH_TEST_FRESH_PROCESS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"\b4 passed", out.stdout), out.stdout
 
 
 @pytest.fixture
@@ -54,6 +89,7 @@ def _files(tmp_path: Path, names: list[str]) -> list[Input]:
     return [Input(n, path=str(tmp_path / n)) for n in names]
 
 
+@fresh
 def test_a_worker_that_dies_costs_only_its_culprit_an_error(
     pipe: Pipeline, poison: None, tmp_path: Path
 ) -> None:
@@ -73,6 +109,7 @@ def test_a_worker_that_dies_costs_only_its_culprit_an_error(
         assert [r.record.status for r in again] == ["ok"]
 
 
+@fresh
 def test_a_worker_killed_while_idle_is_replaced_on_the_next_batch(
     pipe: Pipeline, tmp_path: Path
 ) -> None:
@@ -84,6 +121,7 @@ def test_a_worker_killed_while_idle_is_replaced_on_the_next_batch(
         assert [r.status for r in records] == ["ok", "ok"]
 
 
+@fresh
 def test_abandon_kills_busy_workers_at_once(pipe: Pipeline, tmp_path: Path) -> None:
     """A bounded stop: workers stopped mid-file are killed, not waited for."""
     workers = Workers(pipe, 2)
@@ -100,6 +138,7 @@ def test_abandon_kills_busy_workers_at_once(pipe: Pipeline, tmp_path: Path) -> N
     workers.close()
 
 
+@fresh
 def test_one_worker_answers_in_the_callers_thread(pipe: Pipeline, tmp_path: Path) -> None:
     calls: list[str] = []
     with Workers(pipe, 1) as workers:
