@@ -78,7 +78,8 @@ os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
 option, weights = sys.argv[1], sys.argv[2]
 import numpy as np
 from pathlib import Path
-from digitwatch.classify import load_weights, single_threaded_blas, onnx_path
+from digitwatch.classify import load_weights, onnx_path
+from digitwatch.libc import single_threaded_blas
 x = np.load(sys.argv[4])
 if option == "numpy":
     exec(NUMPY_CNN)

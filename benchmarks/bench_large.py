@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from bench_daemon import bench_parent, tree_pids  # noqa: E402
-from daemon_helpers import rgba16_png  # noqa: E402
+from bench_daemon import bench_parent, tree_pids
+from daemon_helpers import rgba16_png
 
-from digitwatch.settings import DEFAULT_WEIGHTS  # noqa: E402
+from digitwatch.settings import DEFAULT_WEIGHTS
 
 
 def pss_kb(pid: int) -> int:

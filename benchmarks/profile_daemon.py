@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import (  # noqa: E402
+from bench_daemon import (
     STUB_PREPROCESS,
     Arrivals,
     bench_parent,
@@ -42,8 +42,9 @@ STAGES = [
     ("results.py", "(digitwatch/results.py)"),
     ("watchdog", "(watchdog/"),
     ("pipeline", "(digitwatch/pipeline.py)"),
+    ("workers", "(digitwatch/workers.py)"),
     ("watch", "(digitwatch/watch/"),
-    ("daemon", "(digitwatch/daemon.py)"),
+    ("daemon", "(digitwatch/service/"),
 ]
 _LINE = re.compile(r":\d+\)$")
 

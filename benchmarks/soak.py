@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import corpus  # noqa: E402
-from bench_daemon import (  # noqa: E402
+import corpus
+from bench_daemon import (
     Arrivals,
     bench_parent,
     proc_status,

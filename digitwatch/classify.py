@@ -8,7 +8,6 @@ says what network they are for.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy.typing as npt
 import safetensors
 import safetensors.numpy
 
+from digitwatch import libc
 from digitwatch.errors import WeightsError
 
 FORMAT_VERSION = 2  # 1: torch's pickled zip checkpoint; 2: safetensors
@@ -250,33 +250,6 @@ def softmax(logits: Floats) -> Floats:
     return z
 
 
-def single_threaded_blas() -> bool:
-    """Pin numpy's OpenBLAS to one thread; True if it worked.
-
-    Measured here (2 cores): a (64, 784) @ (784, 128) float32 product takes ~0.2 ms on
-    one thread and ~30 ms with OpenBLAS's default two, which wake and park per call.
-    The batches are tiny, and decoding already uses the other core.
-    """
-    libs = Path(np.__file__).parent.parent / "numpy.libs"
-    for lib in sorted(libs.glob("*openblas*")):
-        try:
-            handle = ctypes.CDLL(str(lib))
-        except OSError:
-            continue
-        for name in (
-            "scipy_openblas_set_num_threads64_",
-            "scipy_openblas_set_num_threads",
-            "openblas_set_num_threads64_",
-            "openblas_set_num_threads",
-        ):
-            fn = getattr(handle, name, None)
-            if fn is not None:
-                fn.argtypes = [ctypes.c_int]
-                fn(1)
-                return True
-    return False
-
-
 def _onnx_session(graph: bytes) -> Any:
     """onnxruntime on the CNN's ONNX graph, on the calling thread only.
 
@@ -308,7 +281,7 @@ class Classifier:
     def __init__(self, weights: Weights) -> None:
         self.weights = weights
         self.temperature = weights.temperature
-        single_threaded_blas()
+        libc.single_threaded_blas()
         if weights.graph is not None:
             self._members = len(weights.members)
             self._session = _onnx_session(weights.graph)

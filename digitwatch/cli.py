@@ -377,8 +377,8 @@ def run(
     config: ConfigOpt = None,
 ) -> None:
     """Watch the inbox and answer every image exactly once (the service)."""
-    from digitwatch.daemon import serve
     from digitwatch.logs import configure
+    from digitwatch.service import serve
 
     def body() -> int:
         s = _settings(

@@ -96,7 +96,6 @@ def predict_paths(
         load_weights(settings.weights),
         limits=limits,
         uncertain_below=settings.uncertain_below,
-        workers=1,  # inline: forking worker processes pays off only for a long-running service
     ) as pipe:
         for i in range(0, len(inputs), CHUNK):
             chunk = inputs[i : i + CHUNK]

@@ -28,7 +28,7 @@ def _first(marker: str) -> bool:
 
 
 def _inject(step: str, marker: str) -> None:
-    import digitwatch.daemon as daemon
+    import digitwatch.service.outbox as daemon
 
     if step == "json":
         real_json = daemon.write_json_atomic

@@ -32,7 +32,7 @@ LIMITS = Limits(max_pixels=4_000_000, max_bytes=2_000_000)
 
 
 def seeds(folder: Path) -> None:
-    import cv2  # noqa: TID251 (test-side: only to write the seed files)
+    import cv2
 
     img = np.full((40, 30), 255, np.uint8)
     cv2.line(img, (8, 8), (22, 30), 0, 3)

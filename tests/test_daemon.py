@@ -27,10 +27,11 @@ from daemon_helpers import (
     wait_for,
 )
 
-from digitwatch.daemon import Daemon, Results, _repair_tail
 from digitwatch.errors import ExitCode, WatcherDied
 from digitwatch.results import CSV_COLUMNS, Record
 from digitwatch.sdnotify import Notifier
+from digitwatch.service import Daemon
+from digitwatch.service.outbox import Results
 from digitwatch.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -286,17 +287,6 @@ def test_recovers_a_dead_daemons_claims(folders: tuple[Path, Path]) -> None:
     assert not (inbox / ".digitwatch" / "work" / "999999-dead00").exists()
     assert len(state(inbox, "processed")) == 3
     assert d.has_event("csv_repaired")
-
-
-def test_torn_csv_row_is_cut_before_appending(tmp_path: Path) -> None:
-    path = tmp_path / "results.csv"
-    path.write_bytes(b"a,b\r\nwhole,row\r\ntorn,ro")
-    fd = os.open(path, os.O_RDWR)
-    try:
-        assert _repair_tail(fd) == len(b"a,b\r\nwhole,row\r\n")
-    finally:
-        os.close(fd)
-    assert path.read_bytes() == b"a,b\r\nwhole,row\r\n"
 
 
 def test_notify_socket_gets_ready_watchdog_and_stopping(folders: tuple[Path, Path]) -> None:
@@ -563,32 +553,6 @@ def test_on_success_delete_removes_answered_inputs_but_keeps_failures(
         assert d.stop() == 0
     assert not state(inbox, "processed")
     assert [p.name.split("~")[1] for p in state(inbox, "failed")] == ["bad.png"]
-
-
-def test_a_worker_killed_mid_batch_costs_no_file(folders: tuple[Path, Path]) -> None:
-    """The OOM killer or a decoder crash takes a worker: its files are answered again."""
-    inbox, outbox = folders
-    names = [f"big{i:02d}.png" for i in range(24)]
-    # ~10 ms each to prepare
-    staging = stage(inbox, {n: digit_png(i, size=1400) for i, n in enumerate(names)})
-    d = DaemonProcess(inbox, outbox, "--batch-size", "24", "--max-delay-ms", "200")
-    try:
-        d.wait_ready()
-        workers = children(d.proc.pid)
-        assert len(workers) == 2, workers
-        for n in names:
-            (staging / n).rename(inbox / n)
-        wait_for(lambda: len(state(inbox, "work")) > 0, 10, "a batch claimed")
-        os.kill(workers[0], signal.SIGKILL)
-        wait_for(lambda: len(csv_rows(outbox)) >= len(names), 60, "every file answered")
-        drop(inbox, "after.png", digit_png(99))  # the service still answers new files
-        wait_for(lambda: len(csv_rows(outbox)) == len(names) + 1, 10, "a file after the kill")
-        assert sorted(children(d.proc.pid)) != sorted(workers), "the pool was renewed"
-    finally:
-        assert d.stop() == 0, d.log.read_text()
-    assert_exactly_once(outbox, {*names, "after.png"})
-    assert {r["status"] for r in results(outbox)} == {"ok"}, "the files did not cause the crash"
-    assert not state(inbox, "work")
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import fcntl
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,6 @@ from pathlib import Path
 import pytest
 from daemon_helpers import DaemonProcess, children, csv_rows, digit_png, drop, stage, wait_for
 
-from digitwatch.daemon import Results
 from digitwatch.results import Record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -286,28 +284,6 @@ def test_rows_are_appended_only_under_the_csv_lock(folders: tuple[Path, Path]) -
         wait_for(lambda: len(csv_rows(outbox)) == 2, 10, "the row once the lock is free")
     finally:
         assert d.stop() == 0, d.log.read_text()
-
-
-def test_a_csv_append_cut_short_by_a_full_disk_leaves_no_partial_row(tmp_path: Path) -> None:
-    """A failed append is cut back: rows left behind would be written again on the retry.
-
-    RLIMIT_FSIZE stands in for a full disk: the first write takes what fits, the next
-    fails (EFBIG), as ENOSPC does when a disk fills mid-write.
-    """
-    results = Results(tmp_path, fsync=False)
-    results.append_csv([_record("first.png")])
-    before = results.csv.read_bytes()
-    rows = [_record(f"r{i:04d}.png") for i in range(200)]  # ~30 KB: part of it fits
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 4096, hard))
-    try:
-        with pytest.raises(OSError):
-            results.append_csv(rows)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
-    assert results.csv.read_bytes() == before
 
 
 # -- the same-name rule -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The daemon's batch log lines read exactly as structlog would write them one by one."""
+"""The service's log lines: JSON lines off a terminal (the journal's format), one per event."""
 
 from __future__ import annotations
 
@@ -20,45 +20,50 @@ ROWS = [
 def restore_logging() -> Iterator[None]:
     yield
     structlog.reset_defaults()
-    logs._json_lines, logs._level = None, 20
 
 
 def _lines(err: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in err.splitlines()]
 
 
-def test_json_lines_match_structlog(
+def test_json_lines_carry_the_fields_then_event_level_and_utc_time(
     capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
     logs.configure("json")
     log = structlog.get_logger()
     for row in ROWS:
         log.info("image", **row)
-    expected = capsys.readouterr().err
-    logs.info_lines("image", ROWS)
-    got = capsys.readouterr().err
-    assert len(got.splitlines()) == len(ROWS)
-    for mine, theirs in zip(_lines(got), _lines(expected), strict=True):
-        # Same keys in the same order, same values; only the timestamp differs.
-        assert list(mine) == list(theirs)
-        assert {**mine, "timestamp": ""} == {**theirs, "timestamp": ""}
-        assert str(mine["timestamp"]).endswith("Z")
+    lines = _lines(capsys.readouterr().err)
+    assert len(lines) == len(ROWS)
+    for line, row in zip(lines, ROWS, strict=True):
+        assert list(line) == [*row, "event", "level", "timestamp"]
+        assert {**line, "timestamp": ""} == {
+            **row,
+            "event": "image",
+            "level": "info",
+            "timestamp": "",
+        }
+        assert str(line["timestamp"]).endswith("Z")
 
 
-def test_console_lines_go_through_structlog(
+def test_console_lines_are_not_json(
     capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
     logs.configure("console")
-    logs.info_lines("image", ROWS)
+    log = structlog.get_logger()
+    for row in ROWS:
+        log.info("image", **row)
     err = capsys.readouterr().err
     assert len(err.splitlines()) >= len(ROWS) and "a.png" in err
     with pytest.raises(json.JSONDecodeError):
         _lines(err)
 
 
-def test_level_above_info_logs_nothing(
+def test_level_above_info_logs_nothing_below_it(
     capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
     logs.configure("json", "warning")
-    logs.info_lines("image", ROWS)
-    assert capsys.readouterr().err == ""
+    log = structlog.get_logger()
+    log.info("image", **ROWS[0])
+    log.warning("skipped", input="x.png")
+    assert [line["event"] for line in _lines(capsys.readouterr().err)] == ["skipped"]

@@ -14,7 +14,6 @@ import pytest
 from daemon_helpers import DaemonProcess, csv_rows, digit_png, drop, results, wait_for
 from test_daemon import assert_exactly_once, state
 
-from digitwatch.daemon import _repair_tail
 from digitwatch.errors import ExitCode
 
 pytestmark = pytest.mark.slow
@@ -275,27 +274,6 @@ def _rescans(d: DaemonProcess) -> int:
     ready = next(e for e in d.events() if e.get("event") == "ready")
     t0 = dt.datetime.fromisoformat(str(ready["timestamp"]))
     return int((dt.datetime.now(dt.UTC) - t0).total_seconds())
-
-
-@pytest.mark.parametrize(
-    ("whole", "torn"),
-    [
-        (b"a,b\r\nwhole,row\r\n", b'"torn\n'),  # cut right after a newline inside quotes
-        (b'a,b\r\n"x\r\ny",1\r\n', b'"new\r\n'),  # a CRLF inside quotes, then a torn one
-        (b'a,b\r\n"q""\n",1\r\n', b'"a ""quoted"" \n'),  # doubled quotes inside
-        (b"a,b\r\nwhole,row\r\n", b"torn,ro"),  # no final newline at all
-        (b'a,b\r\n"new\nline.png",1\r\n', b""),  # whole: a newline inside quotes is kept
-    ],
-)
-def test_torn_row_repair_follows_rfc4180_quoting(tmp_path: Path, whole: bytes, torn: bytes) -> None:
-    path = tmp_path / "results.csv"
-    path.write_bytes(whole + torn)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        assert _repair_tail(fd) == len(whole)
-    finally:
-        os.close(fd)
-    assert path.read_bytes() == whole
 
 
 def test_a_row_torn_inside_a_quoted_name_is_cut_on_recovery(folders: tuple[Path, Path]) -> None:
