@@ -5,8 +5,8 @@ so FastAPI's request models and OpenAPI layer would have nothing to validate, an
 `/docs` page loads Swagger UI from a CDN these machines cannot reach.
 
 One request's images are answered by `Pipeline.run` in a single thread, the way
-`digitwatch predict` answers a chunk (inline, `workers=1`: the page needs the 28x28 image
-the model saw, which stays in a worker process when there are workers). Requests queue
+`digitwatch predict` answers a chunk, in the calling process (the page needs the 28x28
+image the model saw, which would stay in a worker process with `workers.py`). Requests queue
 for that thread; the event loop keeps reading and writing HTTP meanwhile.
 """
 
@@ -205,7 +205,6 @@ class Predictor:
             weights,
             limits=Limits(settings.max_pixels, settings.max_file_bytes, settings.max_decode_bytes),
             uncertain_below=settings.uncertain_below,
-            workers=1,
         )
         # The first answer pays for the decoders' and numpy's first-call setup (~45 ms
         # here): pay it now, before the server says it is ready.
@@ -232,7 +231,6 @@ class Predictor:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
-        self.pipeline.close()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
