@@ -1,4 +1,4 @@
-"""Every libc call digitwatch makes outside the inotify reader (watcher.py), in one place.
+"""Every libc call digitwatch makes, in one place (inotify is watchdog's, in digitwatch/watch/).
 
 Each is best effort: where the call is missing (another libc, another OS) it does
 nothing and says so by its return value, and the caller falls back.
