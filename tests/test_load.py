@@ -90,14 +90,14 @@ WATCHDOG_USEC = 3_000_000  # a ping due every 1.5 s
 def test_slow_batches_of_large_images_keep_the_watchdog_fed(
     folders: tuple[Path, Path], notify: NotifyListener, big_png: bytes
 ) -> None:
-    """Twenty 36 MP PNGs in batches of four: each batch takes seconds and three are in
+    """Thirty 36 MP PNGs in batches of four: each batch takes seconds and three are in
     flight, so the main loop waits on the workers far longer than a ping interval. Files
     keep finishing, so no gap between pings may come near WATCHDOG_USEC (systemd's kill).
     A 10 s period here: one decode step is the heartbeat's grain, and on a loaded machine
     one 36 MP decode took over 3 s."""
     usec = 10_000_000  # a ping due every 5 s
     inbox, outbox = folders
-    names = backlog(inbox, big_png, 20)
+    names = backlog(inbox, big_png, 30)  # 20 took 19 s on a quiet machine: too quick to tell
     d = DaemonProcess(
         inbox,
         outbox,
